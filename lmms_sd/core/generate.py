@@ -174,8 +174,8 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
         # 2. verify: one target forward over [root, nodes]
         start = target.seq_len
         slots = torch.cat([torch.tensor([root], device=device), tree.tokens.to(device)])
-        res = target.forward(slots, tree.slot_depths().to(device), tree.slot_mask().to(device),
-                             hidden=want_hidden)
+        res = target.forward(slots, start + tree.slot_depths().to(device),
+                             tree.attention_mask(start).to(device), hidden=want_hidden)
         stats.target_forwards += 1
         if cfg.sampling.greedy:
             verdict = verify_greedy(tree, res.logits)

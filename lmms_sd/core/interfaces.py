@@ -46,10 +46,14 @@ class StepOutput:
 class ModelAdapter(Protocol):
     """A causal (vision-)language model with its own KV cache, batch size 1.
 
-    ``seq_len`` counts cached positions. ``forward`` appends Q positions whose mutual attention
-    is ``tree_mask`` (causal if None) and whose positions are ``seq_len + depths`` (``depths``
-    0-based from the first new token; 0..Q-1 if None). ``keep`` then retains only
-    ``start + indices`` among positions >= start; ``crop`` drops everything from ``length`` on.
+    ``seq_len`` counts cached positions. ``forward`` appends Q positions:
+      positions: # [Q] long, 1-D text positions (None: seq_len + 0..Q-1). An adapter whose model
+                 uses other position schemes (Qwen2-VL M-RoPE) maps them itself, e.g. adding the
+                 rope delta from prefill to all three sections.
+      mask:      # [Q, seq_len + Q] bool, True where query i may attend key j (None: causal).
+    ``keep`` then retains only ``start + indices`` among positions >= start; ``crop`` drops
+    everything from ``length`` on. ``prefill`` resets the cache and returns logits for every
+    prompt position (``hidden``/``embeds`` on request).
     """
 
     vocab_size: int
@@ -58,8 +62,8 @@ class ModelAdapter(Protocol):
     def prefill(self, prompt: PromptInputs, *, hidden: bool = False,
                 embeds: bool = False) -> StepOutput: ...
 
-    def forward(self, tokens: Tensor, depths: Tensor | None = None,
-                tree_mask: Tensor | None = None, *, hidden: bool = False,
+    def forward(self, tokens: Tensor, positions: Tensor | None = None,
+                mask: Tensor | None = None, *, hidden: bool = False,
                 attentions: bool = False) -> StepOutput: ...
 
     def keep(self, start: int, indices: Tensor) -> None: ...

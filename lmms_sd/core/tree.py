@@ -142,3 +142,10 @@ class DraftTree:
     def expected_accept(self) -> float | None:
         """The builder's predicted number of accepted draft tokens (sum of path scores)."""
         return None if self.scores is None else float(self.scores.sum())
+
+    def attention_mask(self, past_len: int) -> Tensor:  # [N+1, past_len + N+1] bool
+        """The verify forward's mask: every slot sees all ``past_len`` cached positions, then the
+        root, its ancestors and itself."""
+        m = self.slot_mask()
+        return torch.cat([m.new_ones(len(m), past_len), m], dim=1)
+
