@@ -174,8 +174,11 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
         # 2. verify: one target forward over [root, nodes]
         start = target.seq_len
         slots = torch.cat([torch.tensor([root], device=device), tree.tokens.to(device)])
-        res = target.forward(slots, start + tree.slot_depths().to(device),
-                             tree.attention_mask(start).to(device), hidden=want_hidden)
+        if tree.is_chain:  # plain causal attention: let the model use its fast path
+            res = target.forward(slots, hidden=want_hidden)
+        else:
+            res = target.forward(slots, start + tree.slot_depths().to(device),
+                                 tree.attention_mask(start).to(device), hidden=want_hidden)
         stats.target_forwards += 1
         if cfg.sampling.greedy:
             verdict = verify_greedy(tree, res.logits)

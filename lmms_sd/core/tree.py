@@ -138,6 +138,11 @@ class DraftTree:
     def slot_depths(self) -> Tensor:  # [N+1] long, 0 for the root
         return torch.cat([self.depths.new_zeros(1), self.depths])
 
+    @cached_property
+    def is_chain(self) -> bool:
+        """True when the slots form one causal chain (no mask or positions needed)."""
+        return bool((self.parents == torch.arange(-1, len(self) - 1, device=self.parents.device)).all())
+
     @property
     def expected_accept(self) -> float | None:
         """The builder's predicted number of accepted draft tokens (sum of path scores)."""
