@@ -29,5 +29,6 @@ setup(
     },
     entry_points={
         "console_scripts": ["lmms-sd=lmms_sd.cli:main"],
+        "lmms_eval.models": ["lmms_sd=lmms_sd.lmms_eval.registry:MANIFESTS"],
     },
 )

@@ -1,0 +1,45 @@
+"""lmms-eval integration: speculative model classes that measure accuracy and speed in one run.
+
+Install lmms_sd (``pip install -e .``) and lmms-eval finds the models through the entry point
+group ``lmms_eval.models`` (``registry.MANIFESTS``): ``llava_sd``, ``qwen2_vl_sd``, ``llava_msd``,
+``qwen2_vl_msd``, ``llava_msd_calibrated``, ``qwen2_vl_msd_calibrated``, ``llava_cascade``,
+``qwen2_vl_cascade``.
+
+Tasks shipped in ``lmms_sd/tasks`` need ``--include_path``: lmms-eval 0.7.3 has no task entry
+point, its ``TaskManager`` indexes only its own tasks plus ``include_path``, and the
+``LMMS_EVAL_PLUGINS`` variable extends the path after the task index is built (so it does not
+work). Either pass the path::
+
+    python -m lmms_eval --model llava_sd \\
+        --model_args pretrained=<target>,draft=<draft>,tree=chain,tree.k=4,baseline=true \\
+        --tasks shapes --include_path "$(python -c 'import lmms_sd.lmms_eval as m; print(m.tasks_dir())')" \\
+        --output_path results
+
+or call ``eval_main`` (``python -c 'import lmms_sd.lmms_eval as m; m.eval_main()' --model ...``),
+which adds it. Multi-process: ``accelerate launch --num_processes N -m lmms_eval ...``
+(on CPU: ``ACCELERATE_USE_CPU=true python -m accelerate.commands.launch --multi_gpu ...``).
+
+Outputs: accuracy in the usual results JSON; speed in its ``throughput`` section
+(``avg_tau``, ``avg_speedup``, ``avg_<task>/tau``, ...; see ``speed.py``) and per sample in
+``<output_path>/<model>/<date>_speed.jsonl`` beside the results.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def tasks_dir() -> Path:
+    """The directory of the tasks shipped with lmms_sd (for lmms-eval's ``--include_path``)."""
+    return Path(__file__).resolve().parent.parent / "tasks"
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    """lmms-eval's command line with ``tasks_dir()`` added to ``--include_path``."""
+    from lmms_eval.__main__ import cli_evaluate, parse_eval_args
+
+    argv = sys.argv[1:] if argv is None else argv
+    sys.argv = ["lmms-eval", *argv]
+    _, args = parse_eval_args()
+    args.include_path = [p for p in (args.include_path, str(tasks_dir())) if p]
+    cli_evaluate(args)

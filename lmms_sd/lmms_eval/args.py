@@ -1,0 +1,250 @@
+"""``--model_args`` and ``gen_kwargs`` -> frozen settings dataclasses.
+
+This is the only place in lmms_sd that reads ``key=value`` strings. Rules:
+  - every key must name a field of the target dataclass, else a ``ValueError`` names the key and
+    lists the valid ones; a required field left out is an error naming it;
+  - values are converted with the field's annotated type (bool, int, float, str, ``X | None``,
+    ``tuple[X, ...]`` written ``a;b;c`` because lmms-eval splits model_args on commas);
+  - keys ``tree.<name>`` are the tree builder's own settings, handed to
+    ``lmms_sd.trees.make_builder(tree, **params)`` (e.g. ``tree=chain,tree.k=6``).
+
+lmms-eval itself would turn ``pretrained=0001`` into the integer 1 and ``off`` into a string;
+our model classes split the raw string themselves (``split_model_args``) so the dataclass field
+types alone decide.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..core.generate import GenerationConfig
+from ..core.sampling import SamplingConfig
+
+T = TypeVar("T")
+TREE_PREFIX = "tree."
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NONE = {"none", "null"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------------- model_args
+
+@dataclass(frozen=True)
+class SDArgs:
+    """Settings shared by every speculative model class (``llava_sd``, ``qwen2_vl_msd``, ...).
+
+    pretrained:      the target checkpoint (a directory saved with ``save_pretrained``).
+    draft:           the draft checkpoint: a small VLM / LM (``*_sd``) or a draft head (``*_msd``).
+    draft_text_only: the draft is a text-only LM: it sees the prompt without image tokens.
+    tree:            tree builder name (``lmms_sd.trees``); its settings go in ``tree.<key>=``.
+    sd:              ``off`` decodes autoregressively through the very same wrapper.
+    baseline:        also decode every request autoregressively and report the speedup and the
+                     number of greedy text mismatches (a losslessness check).
+    max_new_tokens:  used when a task's ``gen_kwargs`` set none.
+    seed:            sampling seed; request ``doc_id`` is added so each request is reproducible.
+    dtype:           ``float32``, ``bfloat16`` or ``float16`` (target and draft).
+    attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``, ...).
+    device:          ``cpu``, ``cuda``, ``cuda:1``; default: the process's GPU, else the CPU.
+    stats_path:      per-sample JSONL of speed statistics; default: beside lmms-eval's results.
+    batch_size:      must be 1 (speculative decoding here is per request).
+    max_batch_size:  accepted from the lmms-eval CLI and unused.
+    """
+
+    pretrained: str
+    draft: str | None = None
+    draft_text_only: bool = False
+    tree: str = "chain"
+    sd: bool = True
+    baseline: bool = False
+    max_new_tokens: int = 256
+    seed: int = 0
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    device: str | None = None
+    stats_path: str | None = None
+    batch_size: int = 1
+    max_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size != 1:
+            raise ValueError(f"batch_size must be 1 (requests are decoded one at a time), "
+                             f"got {self.batch_size}")
+        if self.baseline and not self.sd:
+            raise ValueError("baseline=true compares speculative decoding with autoregressive "
+                             "decoding; with sd=off there is nothing to compare")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def split_model_args(arg_string: str) -> dict[str, str]:
+    """``"a=1,b=x"`` -> ``{"a": "1", "b": "x"}`` with values left as strings."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in arg_string.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"model_args item {item!r} is not of the form key=value")
+        key = key.strip()
+        if key in out:
+            raise ValueError(f"model_args key {key!r} is given twice")
+        out[key] = value.strip()
+    return out
+
+
+def parse_model_args(cls: type[T], values: Mapping[str, object]) -> tuple[T, dict[str, object]]:
+    """Split ``tree.*`` keys off and build ``cls`` from the rest.
+
+    Returns the settings and the tree builder's parameters (values still as given)."""
+    tree_params = {k[len(TREE_PREFIX):]: v for k, v in values.items() if k.startswith(TREE_PREFIX)}
+    own = {k: v for k, v in values.items() if not k.startswith(TREE_PREFIX)}
+    return from_mapping(cls, own, what="model_args"), tree_params
+
+
+def from_mapping(cls: type[T], values: Mapping[str, object], what: str = "settings") -> T:
+    """Build the dataclass ``cls`` from ``values``, converting each by its field type."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {what} key {unknown[0]!r} for {cls.__name__}; "
+                         f"valid keys: {', '.join(sorted(fields))}")
+    missing = [n for n, f in fields.items() if n not in values and _required(f)]
+    if missing:
+        raise ValueError(f"{what} of {cls.__name__} needs {missing[0]!r}")
+    return cls(**{k: coerce(v, hints[k], key=k) for k, v in values.items()})
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def coerce(value: object, hint: Any, key: str = "value") -> Any:
+    """Convert ``value`` (a string from the command line, or already typed) to ``hint``."""
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [p for p in params if p is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            if len(inner) < len(params):
+                return None
+        if len(inner) != 1:
+            raise TypeError(f"{key}: unions other than `X | None` are not supported ({hint})")
+        return coerce(value, inner[0], key)
+    if origin is tuple:
+        items = value.split(";") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+        elem = params[0] if params else str
+        return tuple(coerce(v.strip() if isinstance(v, str) else v, elem, key)
+                     for v in items if not (isinstance(v, str) and not v.strip()))
+    if hint is bool:
+        return _to_bool(value, key)
+    if hint is int:
+        return _to_int(value, key)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} is not a number")
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not a number") from None
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}={value!r} is not a string")
+    if hint is Any or hint is object:
+        return value
+    raise TypeError(f"{key}: no conversion to {hint}")
+
+
+def _to_bool(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{key}={value!r} is not a boolean (true/false, on/off, yes/no, 1/0)")
+
+
+def _to_int(value: object, key: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not an integer") from None
+
+
+# ---------------------------------------------------------------------------- gen_kwargs
+
+# Settings that would change the output distribution and that the core does not implement, with
+# their neutral value. Tasks that set them to something else get an error, not a silent change.
+_UNSUPPORTED = {"repetition_penalty": 1.0, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
+                "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def generation_config(gen_kwargs: Mapping[str, object], *, default_max_new_tokens: int,
+                      eos_token_ids: tuple[int, ...], seed: int | None) -> GenerationConfig:
+    """Map a request's lmms-eval ``gen_kwargs`` onto the core's ``GenerationConfig``.
+
+    Honoured: max_new_tokens, temperature, top_p, top_k, do_sample, until (stop strings),
+    num_beams (only 1). Sampling happens when temperature > 0 unless do_sample is false;
+    do_sample=true without a temperature samples at temperature 1 (as transformers does).
+    Other keys (image_sizes, image_aspect_ratio, ...) do not affect decoding and are ignored.
+    """
+    g = dict(gen_kwargs)
+    beams = _to_int(g.get("num_beams", 1) or 1, "num_beams")
+    if beams != 1:
+        raise ValueError(f"num_beams={beams}: beam search is not speculative decoding; "
+                         f"only num_beams=1 is supported")
+    for name, neutral in _UNSUPPORTED.items():
+        if g.get(name) is not None and float(g[name]) != neutral:  # type: ignore[arg-type]
+            raise ValueError(f"gen_kwargs {name}={g[name]!r} is not supported (it changes the "
+                             f"target distribution); leave it at {neutral}")
+    do_sample = g.get("do_sample")
+    do_sample = None if do_sample is None else _to_bool(do_sample, "do_sample")
+    temperature = g.get("temperature")
+    if temperature is None:
+        temperature = 1.0 if do_sample else 0.0
+    temperature = float(temperature)  # type: ignore[arg-type]
+    if do_sample is False:
+        temperature = 0.0
+    sampling = SamplingConfig(
+        temperature=temperature,
+        top_p=1.0 if g.get("top_p") is None else float(g["top_p"]),  # type: ignore[arg-type]
+        top_k=0 if g.get("top_k") is None else _to_int(g["top_k"], "top_k"),
+    )
+    max_new = g.get("max_new_tokens")
+    return GenerationConfig(
+        max_new_tokens=default_max_new_tokens if max_new is None else _to_int(max_new, "max_new_tokens"),
+        eos_token_ids=tuple(eos_token_ids),
+        stop_strings=stop_strings(g.get("until")),
+        sampling=sampling,
+        seed=seed,
+    )
+
+
+def stop_strings(until: object) -> tuple[str, ...]:
+    """lmms-eval's ``until``: a string, a list of strings, or None."""
+    if until is None:
+        return ()
+    if isinstance(until, str):
+        return (until,) if until else ()
+    if isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until):
+        return tuple(s for s in until if s)
+    raise ValueError(f"gen_kwargs until={until!r} must be a string or a list of strings")
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """The text before the first stop string (lmms-eval models return text without it)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
