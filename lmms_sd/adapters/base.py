@@ -1,0 +1,161 @@
+"""What every Hugging Face adapter shares: the KV cache, the decoder call, masks, keep/crop.
+
+A family adapter supplies three things:
+  ``prepare``               text / chat messages + images -> ``PromptInputs``
+  ``_prefill_embeds``       the decoder's input embeddings of a prompt (images merged in)
+  ``_position_ids``         1-D text positions -> the decoder's position ids
+
+Every forward goes straight to the *decoder* (the language model inside a VLM) with
+``inputs_embeds``; the lm_head is applied here. ``hidden`` is the decoder's last hidden state
+after its final norm, i.e. the feature the lm_head reads (what EAGLE and MSD heads consume).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel
+
+from ..core.interfaces import PromptInputs, StepOutput
+from ..core.kv import kv_crop, kv_keep, kv_length
+
+Messages = list[dict[str, Any]]
+
+
+class HFAdapter:
+    """A Hugging Face causal (vision-)language model with its own ``DynamicCache``, batch 1."""
+
+    family = "base"
+
+    def __init__(self, model: PreTrainedModel, processor: Any, decoder: nn.Module):
+        """processor: the model's processor (VLMs) or tokenizer (LMs); decoder: the module that
+        maps ``inputs_embeds`` to the last hidden state using the cache."""
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.decoder = decoder
+        self.lm_head: nn.Module = model.get_output_embeddings()
+        self.embed_tokens: nn.Module = model.get_input_embeddings()
+        self.vocab_size: int = self.lm_head.weight.shape[0]
+        self.cache = DynamicCache(config=model.config)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def seq_len(self) -> int:
+        return kv_length(self.cache)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The generation config's EOS ids plus the tokenizer's, deduplicated in order."""
+        ids = self.model.generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ family hooks
+    def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
+                chat: bool = True) -> PromptInputs:
+        raise NotImplementedError
+
+    def _prefill_embeds(self, prompt: PromptInputs) -> Tensor:  # -> [T, H]
+        return self.embed_tokens(prompt.input_ids)
+
+    def _prefill_position_ids(self, prompt: PromptInputs) -> Tensor:
+        return self._position_ids(torch.arange(len(prompt.input_ids), device=self.device))
+
+    def _position_ids(self, positions: Tensor) -> Tensor:  # [Q] -> [1, Q]
+        return positions[None]
+
+    # ------------------------------------------------------------------ the protocol
+    @torch.no_grad()
+    def prefill(self, prompt: PromptInputs, *, hidden: bool = False,
+                embeds: bool = False) -> StepOutput:
+        self.cache = DynamicCache(config=self.model.config)
+        inputs_embeds = self._prefill_embeds(prompt)  # [T, H]
+        out = self._run(inputs_embeds, self._prefill_position_ids(prompt), None, hidden, False)
+        if embeds:
+            out.inputs_embeds = inputs_embeds
+        return out
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, positions: Tensor | None = None,
+                mask: Tensor | None = None, *, hidden: bool = False,
+                attentions: bool = False) -> StepOutput:
+        """tokens: # [Q]; positions: # [Q] or None; mask: # [Q, seq_len + Q] bool or None."""
+        q, past = len(tokens), self.seq_len
+        if positions is None:
+            positions = torch.arange(past, past + q, device=self.device)
+        if positions.shape != tokens.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
+        if mask is not None and tuple(mask.shape) != (q, past + q):
+            raise ValueError(f"mask {tuple(mask.shape)} must be [Q, seq_len + Q] = [{q}, {past + q}]")
+        embeds = self.embed_tokens(tokens.to(self.device))
+        return self._run(embeds, self._position_ids(positions.to(self.device)),
+                         None if mask is None else self._float_mask(mask), hidden, attentions)
+
+    def keep(self, start: int, indices: Tensor) -> None:
+        kv_keep(self.cache, start, indices)
+
+    def crop(self, length: int) -> None:
+        kv_crop(self.cache, length)
+
+    # ------------------------------------------------------------------ internals
+    def _float_mask(self, mask: Tensor) -> Tensor:  # [Q, S] bool -> [1, 1, Q, S] additive
+        neg = torch.finfo(self.dtype).min
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(mask.to(self.device), zero, neg)[None, None]
+
+    def _run(self, inputs_embeds: Tensor, position_ids: Tensor, mask: Tensor | None,
+             hidden: bool, attentions: bool) -> StepOutput:
+        """inputs_embeds: # [Q, H]; mask: # [1, 1, Q, S] additive float or None (causal)."""
+        if attentions and self.decoder.config._attn_implementation != "eager":
+            raise ValueError("attentions=True needs attn_implementation='eager', this model uses "
+                             f"{self.decoder.config._attn_implementation!r}")
+        out = self.decoder(inputs_embeds=inputs_embeds[None], position_ids=position_ids,
+                           attention_mask=mask, past_key_values=self.cache, use_cache=True,
+                           output_attentions=attentions)
+        last = out.last_hidden_state[0]  # [Q, H]
+        return StepOutput(logits=self.lm_head(last).float(), hidden=last if hidden else None,
+                          attentions=out.attentions[-1][0].float().mean(0) if attentions else None)
+
+    def _format(self, prompt: str | Messages, n_images: int, chat: bool) -> str:
+        """The prompt text: raw when ``chat`` is False (placeholders included by the caller),
+        else the chat template over ``prompt`` (a string becomes one user turn whose images
+        come first)."""
+        if not chat:
+            if not isinstance(prompt, str):
+                raise TypeError("chat=False takes the prompt as raw text, not messages")
+            return prompt
+        if isinstance(prompt, str):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+            prompt = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(prompt, add_generation_prompt=True,
+                                                  tokenize=False)
+
+
+def extend_prompt(prompt: PromptInputs, tokens: Tensor) -> PromptInputs:
+    """The prompt followed by text ``tokens`` # [n]: what a fresh prefill of an accepted
+    sequence sees (per-token model kwargs such as ``mm_token_type_ids`` are extended with 0 =
+    text)."""
+    tokens = tokens.to(prompt.input_ids.device)
+    kwargs = dict(prompt.model_kwargs)
+    if "mm_token_type_ids" in kwargs:
+        types = kwargs["mm_token_type_ids"]  # [1, T]
+        kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(tokens))], dim=1)
+    mask = None
+    if prompt.image_mask is not None:
+        mask = torch.cat([prompt.image_mask, prompt.image_mask.new_zeros(len(tokens))])
+    return PromptInputs(torch.cat([prompt.input_ids, tokens]), kwargs, mask)

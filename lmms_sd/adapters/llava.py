@@ -1,0 +1,49 @@
+"""LLaVA (``LlavaForConditionalGeneration``): CLIP-style vision tower + projector + Llama.
+
+The processor expands each ``<image>`` into one placeholder per image feature; at prefill the
+projected features replace the placeholders' embeddings. After prefill LLaVA is a plain Llama
+with 1-D positions.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from transformers import LlavaForConditionalGeneration
+
+from ..core.interfaces import PromptInputs
+from .base import HFAdapter, Messages
+
+
+class LlavaAdapter(HFAdapter):
+    family = "llava"
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor: Any):
+        super().__init__(model, processor, model.model.language_model)
+        self.image_token_id: int = model.config.image_token_id
+
+    def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
+                chat: bool = True) -> PromptInputs:
+        text = self._format(prompt, len(images), chat)
+        enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
+        ids = enc["input_ids"][0].to(self.device)  # [T]
+        kwargs = {}
+        if "pixel_values" in enc:
+            kwargs["pixel_values"] = enc["pixel_values"].to(self.device, self.dtype)
+        return PromptInputs(ids, kwargs, ids == self.image_token_id)
+
+    def _prefill_embeds(self, prompt: PromptInputs) -> Tensor:  # [T, H]
+        embeds = self.embed_tokens(prompt.input_ids)
+        pixels = prompt.model_kwargs.get("pixel_values")
+        if pixels is None:
+            return embeds
+        feats = self.model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        feats = torch.cat(list(feats.pooler_output), dim=0).to(embeds.dtype)  # [n_img * P, H]
+        slots = prompt.input_ids == self.image_token_id
+        if int(slots.sum()) != len(feats):
+            raise ValueError(f"the prompt has {int(slots.sum())} image tokens but the images "
+                             f"give {len(feats)} features")
+        embeds = embeds.clone()
+        embeds[slots] = feats
+        return embeds

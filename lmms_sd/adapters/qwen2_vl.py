@@ -1,0 +1,82 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): vision tower with 2x2 patch merging + Qwen2
+decoder with multimodal rotary positions (M-RoPE).
+
+M-RoPE gives every token three position ids (time, height, width). Text tokens use their
+1-D index on all three; image tokens use their grid coordinates, so after an image the largest
+position id is smaller than the token count. ``get_rope_index`` at prefill returns that
+difference as ``rope_delta``; every later token at 1-D text position ``t`` gets id
+``t + rope_delta`` on all three sections. We compute it ourselves and never rely on the
+model's stored ``rope_deltas`` (stale across requests and forwards).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+from ..core.interfaces import PromptInputs
+from .base import HFAdapter, Messages
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without the video processor, which needs torchvision."""
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None,
+                 chat_template: str | None = None, **kwargs: Any):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2VLAdapter(HFAdapter):
+    family = "qwen2_vl"
+
+    def __init__(self, model: Qwen2VLForConditionalGeneration, processor: Any):
+        super().__init__(model, processor, model.model.language_model)
+        self.image_token_id: int = model.config.image_token_id
+        self.rope_delta = 0
+
+    def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
+                chat: bool = True) -> PromptInputs:
+        text = self._format(prompt, len(images), chat)
+        enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
+        ids = enc["input_ids"][0].to(self.device)  # [T]
+        kwargs = {k: enc[k].to(self.device) for k in VISION_KEYS if k in enc and images}
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.dtype)
+        return PromptInputs(ids, kwargs, ids == self.image_token_id)
+
+    def _prefill_embeds(self, prompt: PromptInputs) -> Tensor:  # [T, H]
+        embeds = self.embed_tokens(prompt.input_ids)
+        kw = prompt.model_kwargs
+        if kw.get("pixel_values") is None:
+            return embeds
+        feats = self.model.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"],
+                                                    return_dict=True)
+        feats = torch.cat(list(feats.pooler_output), dim=0).to(embeds.dtype)  # [n_tokens, H]
+        slots = prompt.input_ids == self.image_token_id
+        if int(slots.sum()) != len(feats):
+            raise ValueError(f"the prompt has {int(slots.sum())} image tokens but the images "
+                             f"give {len(feats)} features")
+        embeds = embeds.clone()
+        embeds[slots] = feats
+        return embeds
+
+    def _prefill_position_ids(self, prompt: PromptInputs) -> Tensor:  # -> [3, 1, T]
+        kw = prompt.model_kwargs
+        if kw.get("image_grid_thw") is None:
+            self.rope_delta = 0
+            return super()._prefill_position_ids(prompt)
+        if kw.get("mm_token_type_ids") is None:
+            raise ValueError("a Qwen2-VL prompt with images needs mm_token_type_ids "
+                             "(the processor returns them)")
+        position_ids, delta = self.model.model.get_rope_index(
+            prompt.input_ids[None], mm_token_type_ids=kw["mm_token_type_ids"],
+            image_grid_thw=kw["image_grid_thw"])
+        self.rope_delta = int(delta.reshape(-1)[0])
+        return position_ids
+
+    def _position_ids(self, positions: Tensor) -> Tensor:  # [Q] -> [3, 1, Q]
+        return (positions + self.rope_delta).view(1, 1, -1).expand(3, 1, -1)

@@ -1,0 +1,243 @@
+"""A tiny, offline model suite for tests: LLaVA and Qwen2-VL targets with their drafts.
+
+Everything is built from configs in seconds, saved with ``save_pretrained`` and meant to be
+reloaded with ``from_pretrained`` so tests exercise the real loading path. Per family:
+
+  target      the VLM (LLaVA: CLIP vision tower + Llama; Qwen2-VL: its own vision tower + M-RoPE)
+  draft_vlm   the same family with a 1-layer, narrower language model and the *same* vision
+              config and processor, so it accepts the target's processed inputs
+  text_only   a plain causal LM (Llama / Qwen2) sharing the vocabulary
+
+The tokenizer is a byte-level BPE trained locally on a small built-in corpus. The config helpers
+and ``train_tokenizer`` take knobs so a trainer (e.g. on a synthetic shapes task) can reuse them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedModel,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from ..adapters.loading import load_processor  # noqa: F401  (re-exported for trainers)
+from ..adapters.qwen2_vl import Qwen2VLImageOnlyProcessor
+
+FAMILIES = ("llava", "qwen2_vl")
+ROLES = ("target", "draft_vlm", "text_only")
+
+# ---------------------------------------------------------------------------- tokenizer
+
+CORPUS = [
+    "A red circle is in the top left corner of the image.",
+    "There are two blue squares and one green triangle.",
+    "The picture shows a small yellow star next to a large purple circle.",
+    "Describe the image. The image contains three shapes on a white background.",
+    "How many shapes are there? There are three shapes.",
+    "What colour is the square? The square is orange.",
+    "A cat sits on the mat and looks at the window.",
+    "The quick brown fox jumps over the lazy dog.",
+    "She opened the door, walked into the room and turned on the light.",
+    "Numbers: one, two, three, four, five, six, seven, eight, nine, ten, 0 1 2 3 4 5 6 7 8 9.",
+    "The weather is sunny today, with a light breeze from the west.",
+    "A man is riding a bicycle down a busy street in the city.",
+    "Question: what is shown in the picture? Answer: a dog playing with a ball.",
+    "The chart shows the number of visitors per month, rising from March to July.",
+    "Left, right, top, bottom, center, above, below, beside, between.",
+    "USER: What is in the image? ASSISTANT: A green square and a red circle.",
+]
+
+SPECIAL_TOKENS = {
+    "llava": {"eos": "</s>", "pad": "<pad>", "bos": "<s>", "extra": ["<image>"]},
+    "qwen2_vl": {"eos": "<|im_end|>", "pad": "<|endoftext|>", "bos": None,
+                 "extra": ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|video_pad|>",
+                           "<|vision_end|>"]},
+}
+
+# A content item is {"type": "image"} or {"type": "text", "text": ...}; content may be a string.
+# Whitespace that matters is written as string literals so Jinja's trimming cannot eat it.
+_CONTENT = ("{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+            "{%- for c in m['content'] -%}"
+            "{%- if c['type'] == 'image' -%}{{ IMAGE }}{%- elif c['type'] == 'text' -%}"
+            "{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}")
+
+CHAT_TEMPLATES = {
+    # LLaVA-1.5 style: "USER: <image>\nWhat is it? ASSISTANT:"
+    "llava": ("{%- for m in messages -%}{{ m['role'] | upper + ': ' }}"
+              + _CONTENT.replace("IMAGE", "'<image>\\n'")
+              + "{%- if m['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}{{ ' ' }}"
+              "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"),
+    # ChatML as in Qwen2-VL, without the default system turn
+    "qwen2_vl": ("{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+                 + _CONTENT.replace("IMAGE", "'<|vision_start|><|image_pad|><|vision_end|>'")
+                 + "{{ '<|im_end|>\\n' }}{%- endfor -%}"
+                 "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"),
+}
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 512,
+                    family: str = "llava") -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``corpus`` with ``family``'s special tokens and chat template.
+
+    Special tokens get the first ids (in ``SPECIAL_TOKENS`` order), so every tokenizer of one
+    family agrees on them whatever the corpus."""
+    _check_family(family)
+    spec = SPECIAL_TOKENS[family]
+    specials = [t for t in (spec["pad"], spec["eos"], spec["bos"]) if t] + spec["extra"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=spec["eos"],
+                                   pad_token=spec["pad"], bos_token=spec["bos"],
+                                   additional_special_tokens=spec["extra"])
+    fast.chat_template = CHAT_TEMPLATES[family]
+    return fast
+
+
+# ---------------------------------------------------------------------------- processors
+
+LLAVA_IMAGE_SIZE, LLAVA_PATCH = 32, 8          # 4 x 4 = 16 image tokens
+QWEN_IMAGE_SIZE, QWEN_PATCH, QWEN_MERGE = 32, 4, 2  # 8 x 8 patches merged 2x2 -> 16 tokens
+
+
+def llava_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    size = LLAVA_IMAGE_SIZE
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size},
+                                            crop_size={"height": size, "width": size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                          patch_size=LLAVA_PATCH, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
+
+
+def qwen2_vl_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLImageOnlyProcessor:
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
+    return Qwen2VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 chat_template=tokenizer.chat_template)
+
+
+# ---------------------------------------------------------------------------- configs
+
+def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
+    return {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+
+
+def llama_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: int = 128,
+                 heads: int = 4, kv_heads: int = 2, init_std: float = 0.1) -> LlamaConfig:
+    return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=1024, initializer_range=init_std,
+                       **_special_ids(tokenizer))
+
+
+def llava_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: int = 128,
+                 heads: int = 4, vision_layers: int = 2, vision_width: int = 32,
+                 init_std: float = 0.1) -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width,
+                              num_hidden_layers=vision_layers, num_attention_heads=2,
+                              image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH,
+                              projection_dim=vision_width)
+    text = llama_config(tokenizer, layers=layers, width=width, heads=heads,
+                        kv_heads=max(1, heads // 2), init_std=init_std)
+    return LlavaConfig(vision_config=vision, text_config=text,
+                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                       image_seq_length=(LLAVA_IMAGE_SIZE // LLAVA_PATCH) ** 2,
+                       vision_feature_select_strategy="default", vision_feature_layer=-2,
+                       projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+def qwen2_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 1, width: int = 64,
+                 heads: int = 2, init_std: float = 0.1) -> Qwen2Config:
+    return Qwen2Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                       max_position_embeddings=1024, initializer_range=init_std,
+                       tie_word_embeddings=False, **_special_ids(tokenizer))
+
+
+def qwen2_vl_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: int = 128,
+                    heads: int = 4, vision_layers: int = 2, vision_width: int = 32,
+                    init_std: float = 0.1) -> Qwen2VLConfig:
+    """``mrope_section`` splits head_dim / 2 rotary frequencies over (time, height, width)."""
+    half = width // heads // 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    ids = tokenizer.convert_tokens_to_ids
+    vision = {"depth": vision_layers, "embed_dim": vision_width, "hidden_size": width,
+              "num_heads": 2, "mlp_ratio": 2, "patch_size": QWEN_PATCH,
+              "spatial_merge_size": QWEN_MERGE, "temporal_patch_size": 2}
+    text = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+            "max_position_embeddings": 1024, "initializer_range": init_std,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": section},
+            **_special_ids(tokenizer)}
+    return Qwen2VLConfig(text_config=text, vision_config=vision,
+                         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                         vision_start_token_id=ids("<|vision_start|>"),
+                         vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+
+
+# ---------------------------------------------------------------------------- the suite
+
+def tiny_image(seed: int, width: int = 32, height: int = 32) -> Image.Image:
+    """A deterministic RGB test image: a coloured rectangle on random noise."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    x, y = rng.integers(0, width // 2), rng.integers(0, height // 2)
+    pixels[y:y + height // 3, x:x + width // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def build_tiny_models(family: str, seed: int = 0,
+                      tokenizer: PreTrainedTokenizerFast | None = None,
+                      ) -> tuple[dict[str, PreTrainedModel], Any, PreTrainedTokenizerFast]:
+    """In-memory ``({target, draft_vlm, text_only}, processor, tokenizer)`` for ``family``,
+    with random weights seeded by ``seed`` (+1, +2 for the drafts)."""
+    _check_family(family)
+    tok = tokenizer or train_tokenizer(CORPUS, 512, family)
+    if family == "llava":
+        classes = (LlavaForConditionalGeneration, LlavaForConditionalGeneration, LlamaForCausalLM)
+        processor = llava_processor(tok)
+        cfgs = (llava_config(tok), llava_config(tok, layers=1, width=64, heads=2),
+                llama_config(tok, layers=1, width=64, heads=2, kv_heads=1))
+    else:
+        classes = (Qwen2VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                   Qwen2ForCausalLM)
+        processor = qwen2_vl_processor(tok)
+        cfgs = (qwen2_vl_config(tok), qwen2_vl_config(tok, layers=1, width=64, heads=2),
+                qwen2_config(tok, layers=1, width=64, heads=2))
+    built = {}
+    for i, (role, cls, cfg) in enumerate(zip(ROLES, classes, cfgs)):
+        torch.manual_seed(seed + i)
+        built[role] = cls(cfg).eval()
+    return built, processor, tok
+
+
+def build_tiny_suite(root: Path, family: str, seed: int = 0,
+                     tokenizer: PreTrainedTokenizerFast | None = None) -> dict[str, Path]:
+    """Build and save ``{target, draft_vlm, text_only}`` under ``root``; return their paths
+    (``root / f"{family}_{role}"``). VLM directories hold the processor, the LM its tokenizer."""
+    built, processor, tok = build_tiny_models(family, seed, tokenizer)
+    paths = {}
+    for role, model in built.items():
+        paths[role] = Path(root) / f"{family}_{role}"
+        model.save_pretrained(paths[role])
+        (tok if role == "text_only" else processor).save_pretrained(paths[role])
+    return paths

@@ -1,0 +1,71 @@
+"""Shared fixtures: the tiny model suite of both families, built once per test session.
+
+``tiny_paths[family][role]`` are saved model directories (roles: target, draft_vlm,
+text_only); ``tiny_adapters[family][role]`` are adapters loaded from them. Adapters are shared
+across tests: a test may prefill/forward/crop them (prefill resets the cache) but must not
+change their weights. ``family`` parametrises a test over both families; ``target``,
+``draft_vlm``, ``text_only`` and ``prompts`` follow it.
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lmms_sd.adapters import HFAdapter, load_adapter  # noqa: E402
+from lmms_sd.core.interfaces import PromptInputs  # noqa: E402
+from lmms_sd.testing.tiny import FAMILIES, ROLES, build_tiny_suite, tiny_image  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+PROMPT_SPECS = [  # (text, images): one image, a non-square image, two images, no image
+    ("What is in the image?", [tiny_image(0)]),
+    ("Describe the picture in detail.", [tiny_image(1, 48, 32)]),
+    ("Compare the two images.", [tiny_image(2), tiny_image(3)]),
+    ("Tell me a story about a red circle.", []),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("tiny_suite")
+    return {family: build_tiny_suite(root, family, seed=0) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_paths: dict[str, dict[str, Path]]) -> dict[str, dict[str, HFAdapter]]:
+    return {family: {role: load_adapter(tiny_paths[family][role]) for role in ROLES}
+            for family in FAMILIES}
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture()
+def target(tiny_adapters: dict[str, dict[str, HFAdapter]], family: str) -> HFAdapter:
+    return tiny_adapters[family]["target"]
+
+
+@pytest.fixture()
+def draft_vlm(tiny_adapters: dict[str, dict[str, HFAdapter]], family: str) -> HFAdapter:
+    return tiny_adapters[family]["draft_vlm"]
+
+
+@pytest.fixture()
+def text_only(tiny_adapters: dict[str, dict[str, HFAdapter]], family: str) -> HFAdapter:
+    return tiny_adapters[family]["text_only"]
+
+
+@pytest.fixture()
+def prompts(target: HFAdapter) -> list[PromptInputs]:
+    """The ``PROMPT_SPECS`` prepared for the family's target (chat template applied)."""
+    return [target.prepare(text, images) for text, images in PROMPT_SPECS]
