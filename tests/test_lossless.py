@@ -1,0 +1,147 @@
+"""End-to-end greedy losslessness: for every (drafter, tree) row, on both target families and
+every prompt, speculative output is token-identical to the target's own ``generate``.
+
+The scripted drafter proposes the target's own continuation for ``good`` tokens and then a
+wrong one, so partial acceptance happens at every step; real drafts (a random small VLM, a
+text-only LM) mostly get rejected. Trees put the right token at non-first siblings too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import pytest
+import torch
+
+from lmms_sd.adapters import HFAdapter
+from lmms_sd.core.generate import GenerationConfig, generate
+from lmms_sd.core.interfaces import PromptInputs
+from lmms_sd.drafters.model import ModelDrafter
+from lmms_sd.testing.scripted import ScriptedDrafter
+from lmms_sd.trees import make_builder
+
+MAX_NEW = 24
+
+
+@dataclass(frozen=True)
+class Row:
+    drafter: str          # draft_vlm | text_only | scripted:<good>
+    tree: str             # builder name
+    params: tuple = ()    # builder settings as (key, value) pairs
+
+    def __str__(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.drafter}-{self.tree}{'(' + extra + ')' if extra else ''}"
+
+
+ROWS = [
+    Row("draft_vlm", "chain", (("k", 1),)),
+    Row("draft_vlm", "chain", (("k", 4),)),
+    Row("text_only", "chain", (("k", 3),)),
+    Row("scripted:0", "chain", (("k", 3),)),
+    Row("scripted:2", "chain", (("k", 4),)),
+    Row("scripted:5", "chain", (("k", 5),)),   # every draft accepted: bonus tokens
+    Row("scripted:3", "chain", (("k", 8),)),
+    Row("draft_vlm", "dynamic", (("depth", 3), ("top_k", 3), ("total_tokens", 10))),
+    Row("text_only", "dynamic", (("depth", 4), ("top_k", 2), ("total_tokens", 8))),
+    Row("scripted:2", "dynamic", (("depth", 4), ("top_k", 2), ("total_tokens", 8))),
+    Row("draft_vlm", "opt", (("nodes", 8), ("threshold", 0.1), ("max_depth", 4))),
+    Row("scripted:3", "opt", (("nodes", 6), ("threshold", 0.0), ("max_depth", 5))),
+    Row("draft_vlm", "static", (("acceptance", "0.6,0.3,0.1"), ("budget", 10), ("max_depth", 4))),
+    Row("scripted:1", "static", (("acceptance", "0.6,0.3"), ("budget", 8), ("max_depth", 5))),
+]
+
+
+def hf_greedy(target: HFAdapter, prompt: PromptInputs, max_new: int) -> list[int]:
+    """The target's own greedy output through ``transformers``' ``generate``."""
+    ids = prompt.input_ids[None]
+    out = target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                **prompt.model_kwargs, max_new_tokens=max_new, do_sample=False,
+                                eos_token_id=list(target.eos_token_ids),
+                                pad_token_id=target.tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
+    from conftest import PROMPT_SPECS
+
+    refs = {}
+    for family, adapters in tiny_adapters.items():
+        target = adapters["target"]
+        prompts = [target.prepare(text, images) for text, images in PROMPT_SPECS]
+        refs[family] = [(p, hf_greedy(target, p, MAX_NEW)) for p in prompts]
+    return refs
+
+
+def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]):
+    target = adapters["target"]
+    if kind.startswith("scripted:"):
+        return ScriptedDrafter(reference, int(kind.split(":")[1]), target.vocab_size)
+    return ModelDrafter(adapters[kind], text_only=kind == "text_only",
+                        vocab_size=target.vocab_size)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=str)
+def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_adapters, references):
+    adapters = tiny_adapters[family]
+    target = adapters["target"]
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
+    builder = make_builder(row.tree, **dict(row.params))
+    for prompt, reference in references[family]:
+        drafter = make_drafter(row.drafter, adapters, reference)
+        result = generate(target, prompt, cfg, drafter, builder, decode=target.decode)
+        assert result.tokens == reference, f"{row} diverged from target.generate"
+        stats = result.stats
+        assert stats.new_tokens == len(reference)
+        assert stats.target_forwards == 1 + stats.decode_steps
+        assert len(stats.origin) == len(reference) and stats.origin[0] == "target"
+        assert stats.origin.count("draft") <= sum(s.accepted for s in stats.steps)
+
+
+def test_scripted_drafter_exercises_partial_acceptance(family: str, tiny_adapters, references):
+    adapters = tiny_adapters[family]
+    target = adapters["target"]
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
+    prompt, reference = references[family][0]
+    good = 2
+    res = generate(target, prompt, cfg, ScriptedDrafter(reference, good, target.vocab_size),
+                   make_builder("chain", k=4), decode=target.decode)
+    assert res.tokens == reference
+    # every full step accepted exactly `good` drafts, then the target corrected the wrong one
+    assert all(s.accepted == good for s in res.stats.steps[:-1])
+
+
+def test_stop_string_inside_an_accepted_block(family: str, tiny_adapters, references):
+    """A stop string that completes in the middle of an accepted block stops decoding exactly
+    where plain decoding would: on the token that completes it."""
+    adapters = tiny_adapters[family]
+    target = adapters["target"]
+    prompt, reference = references[family][0]
+    # choose a stop string that completes at token 10 of the reference
+    text_at = [target.decode(reference[: j + 1]) for j in range(len(reference))]
+    j = next((j for j in range(6, len(reference)) if text_at[j] != text_at[j - 1]
+              and text_at[j][len(text_at[j - 1]):].strip()), None)
+    if j is None:
+        pytest.skip("reference has no printable token to stop on")
+    stop = text_at[j][len(text_at[j - 1]):]
+    first = next(i for i in range(len(reference)) if stop in text_at[i])
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids,
+                           stop_strings=(stop,))
+    ar = generate(target, prompt, cfg, decode=target.decode)
+    sd = generate(target, prompt, cfg, ScriptedDrafter(reference, 8, target.vocab_size),
+                  make_builder("chain", k=8), decode=target.decode)
+    assert ar.tokens == sd.tokens == reference[: first + 1]
+    assert sd.stats.decode_steps < ar.stats.decode_steps  # the stop fell inside one block
+
+
+def test_eos_inside_an_accepted_block(family: str, tiny_adapters, references):
+    """Declaring a token of the reference to be EOS stops both decoders on it."""
+    adapters = tiny_adapters[family]
+    target = adapters["target"]
+    prompt, reference = references[family][1]
+    eos = reference[5]
+    first = reference.index(eos)
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(eos,))
+    ar = generate(target, prompt, cfg)
+    sd = generate(target, prompt, cfg, ScriptedDrafter(reference, 8, target.vocab_size),
+                  make_builder("chain", k=8))
+    assert ar.tokens == sd.tokens == reference[: first + 1]
