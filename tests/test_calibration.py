@@ -58,6 +58,16 @@ def fitted(data) -> GroupedIsotonicCalibrator:
     return GroupedIsotonicCalibrator.fit(train_f, train_y, FP, CalibratorConfig(), label="hard")
 
 
+FINE = CalibratorConfig(finer=("depth", "margin"), min_samples=300)
+
+
+@pytest.fixture(scope="module")
+def fitted_fine(data) -> GroupedIsotonicCalibrator:
+    """Level 3 = category x attention x depth bucket x margin bucket."""
+    train_f, train_y, _, _ = data
+    return GroupedIsotonicCalibrator.fit(train_f, train_y, FP, FINE, label="hard")
+
+
 # ---------------------------------------------------------------------- features
 @pytest.mark.parametrize("text, category", [
     (" the", "function"), (",", "function"), (" 42", "number"), (" circle", "content"),
@@ -210,22 +220,23 @@ def test_curves_match_sklearn_isotonic_predictions(data, fitted) -> None:
                                   iso.predict(test_f.confidence[key_test]))
 
 
-def test_level3_json_round_trip_gives_identical_predictions(data, tmp_path: Path) -> None:
-    train_f, train_y, test_f, _ = data
-    cfg = CalibratorConfig(finer=("depth", "margin"), min_samples=300)
-    cal = GroupedIsotonicCalibrator.fit(train_f, train_y, FP, cfg, label="hard")
+def test_level3_json_round_trip_gives_identical_predictions(data, fitted_fine,
+                                                            tmp_path: Path) -> None:
+    _, _, test_f, _ = data
+    cal = fitted_fine
     assert any(k.count("/") == 3 for k in cal.curves)        # e.g. "content/a2/d1/m0"
     path = tmp_path / "cal.json"
     cal.save(path)
     back = GroupedIsotonicCalibrator.load(path, FP)
-    assert back.config == cfg and back.label == "hard"
+    assert back.config == FINE and back.label == "hard"
     np.testing.assert_array_equal(back.predict(test_f), cal.predict(test_f))
     np.testing.assert_array_equal(back.groups_used(test_f), cal.groups_used(test_f))
 
 
 def test_predict_arrays_accepts_tensors_and_names_missing_columns(data, fitted) -> None:
     _, _, test_f, _ = data
-    out = fitted.predict_arrays(torch.from_numpy(test_f.confidence), torch.from_numpy(test_f.category),
+    out = fitted.predict_arrays(torch.from_numpy(test_f.confidence),
+                                torch.from_numpy(test_f.category),
                                 torch.from_numpy(test_f.attention))
     np.testing.assert_array_equal(out, fitted.predict(test_f))
     recs = [CandidateFeatures(float(c), "content", float(a), 1, 0.0)
@@ -291,3 +302,22 @@ def test_cli_fit_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     cols = TraceColumns.stack(recs)
     np.testing.assert_array_equal(cols.label("hard"), labels)
+
+
+def test_predict_children_matches_per_candidate_predict(fitted_fine) -> None:
+    # 2 parent nodes x 3 children over V = 6; categories by token id
+    table = np.array([CONTENT, FUNCTION, NUMBER, CONTENT, FUNCTION, CONTENT], dtype=np.int8)
+    dists = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05],
+                          [0.05, 0.05, 0.3, 0.3, 0.2, 0.1]])
+    tokens = torch.tensor([[0, 1, 2], [2, 3, 4]])
+    probs = torch.gather(dists, 1, tokens)
+    attention = torch.tensor([0.05, 0.6])
+    got = fitted_fine.predict_children(probs, tokens, dists, 3, table, attention)
+    assert got.shape == (2, 3) and got.dtype == torch.float32
+    names = ("content", "function", "number")
+    margins = [float(d[0] - d[1]) for d in torch.sort(dists, descending=True).values]
+    want = fitted_fine.predict([
+        CandidateFeatures(float(probs[i, j]), names[table[int(tokens[i, j])]],
+                          float(attention[i]), 3, margins[i])
+        for i in range(2) for j in range(3)])
+    np.testing.assert_allclose(got.numpy().reshape(-1), want, rtol=1e-6)

@@ -47,11 +47,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 from sklearn.isotonic import IsotonicRegression
+from torch import Tensor
 from tqdm import tqdm
 
 from .features import (CATEGORIES, CandidateFeatures, FeatureArrays, bucketize,
-                       category_rules_fingerprint, quantile_edges)
+                       category_rules_fingerprint, draft_margin, quantile_edges)
 from .traces import LABELS
 
 CALIBRATOR_FORMAT = "lmms_sd.grouped_isotonic"
@@ -258,6 +260,28 @@ class GroupedIsotonicCalibrator:
                           np.ones(n, np.int64) if depth is None else _as_numpy(depth, np.int64),
                           np.zeros(n) if margin is None else _as_numpy(margin, np.float64))
         return self.predict(f)
+
+    def predict_children(self, probs: Tensor, tokens: Tensor, dists: Tensor, depth: int,
+                         categories: np.ndarray, attention: Tensor | None = None) -> Tensor:
+        """Calibrated acceptance of the children offered by m tree nodes, for a tree builder.
+
+        probs:      # [m, c] draft probability of each child
+        tokens:     # [m, c] long, the child tokens
+        dists:      # [m, V] each parent's draft distribution (for the margin)
+        depth:      depth of the children (1 = children of the root)
+        categories: # [V] category id per token id (``category_table``)
+        attention:  # [m] each parent slot's draft image-attention mass; None means 0
+        returns     # [m, c] float32 on ``probs.device``
+        """
+        m, c = probs.shape
+        attn = torch.zeros(m) if attention is None else attention.detach().float().cpu()
+        out = self.predict_arrays(
+            probs.detach().double().cpu().reshape(-1),
+            np.asarray(categories)[tokens.detach().cpu().numpy().reshape(-1)],
+            attn[:, None].expand(m, c).reshape(-1),
+            np.full(m * c, depth, dtype=np.int64),
+            draft_margin(dists.detach())[:, None].expand(m, c).reshape(-1).cpu())
+        return torch.from_numpy(out).float().reshape(m, c).to(probs.device)
 
     # ------------------------------------------------------------------ persistence
     def to_json(self) -> dict:

@@ -66,7 +66,8 @@ def _fit(args: argparse.Namespace) -> int:
     fingerprint, records = read_traces(args.traces, progress=True)
     n_fit = len(records) - int(round(len(records) * args.holdout))
     if n_fit < 1:
-        raise ValueError(f"{len(records)} records leave nothing to fit with --holdout {args.holdout}")
+        raise ValueError(f"{len(records)} records leave nothing to fit with "
+                         f"--holdout {args.holdout}")
     config = CalibratorConfig(args.attention_buckets, args.min_samples, tuple(args.finer),
                               tuple(args.depth_edges), args.margin_buckets)
     train = TraceColumns.stack(records[:n_fit])

@@ -7,9 +7,11 @@ target has seen the tree:
 confidence  q_s(y), the draft's conditional probability of y in slot s.
 category    what kind of token y is, from its decoded text: "content", "function" (English
             function word, punctuation, whitespace, special token) or "number".
-attention   the draft's attention mass on image positions at the query of slot s, a float in
-            [0, 1] (0 for a draft that cannot see the image). The calibrator buckets it into
-            quantile buckets whose edges it learns at fit time.
+attention   the draft's attention mass on image positions at the query of slot s (the forward
+            that produced q_s; ``image_attention_mass``), a float in [0, 1] (0 for a draft
+            that cannot see the image). Siblings share it. The calibrator buckets it into
+            quantile buckets whose edges it learns at fit time. Collection and prediction must
+            read it the same way (same layer, head average).
 depth       the depth of y in the tree (1 for the root's children).
 margin      top-1 minus top-2 probability of the draft distribution q_s (shared by siblings).
 
@@ -102,6 +104,14 @@ def category_table(decode: Callable[[int], str], vocab_size: int) -> np.ndarray:
     """
     return np.array([category_id(token_category(decode(i))) for i in range(vocab_size)],
                     dtype=np.int8)
+
+
+def category_rules_fingerprint() -> str:
+    """A hash of the category rules above: a calibrator fitted under other rules must not be
+    fed categories from these."""
+    rules = json.dumps([sorted(FUNCTION_WORDS), sorted(NUMBER_WORDS), NUMBER_RE.pattern,
+                        list(CATEGORIES)])
+    return "sha256:" + hashlib.sha256(rules.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -197,10 +207,3 @@ def image_attention_mass(attentions: Tensor, image_mask: Tensor) -> Tensor:  # [
     mask[: image_mask.shape[0]] = image_mask.to(attentions.device, attentions.dtype)
     return (attentions @ mask).clamp(0.0, 1.0)
 
-
-def category_rules_fingerprint() -> str:
-    """A hash of the category rules above: a calibrator fitted under other rules must not be
-    fed categories from these."""
-    rules = json.dumps([sorted(FUNCTION_WORDS), sorted(NUMBER_WORDS), NUMBER_RE.pattern,
-                        list(CATEGORIES)])
-    return "sha256:" + hashlib.sha256(rules.encode()).hexdigest()[:16]

@@ -184,7 +184,8 @@ def iter_traces(path: str | Path, progress: bool = False) -> Iterator[TraceRecor
                 yield TraceRecord.from_json(json.loads(line))
 
 
-def read_traces(paths: Sequence[str | Path], progress: bool = False) -> tuple[str, list[TraceRecord]]:
+def read_traces(paths: Sequence[str | Path], progress: bool = False
+                ) -> tuple[str, list[TraceRecord]]:
     """The common tokenizer fingerprint and all records of one or more trace files."""
     if not paths:
         raise ValueError("no trace files given")
