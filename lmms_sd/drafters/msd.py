@@ -1,0 +1,169 @@
+"""MSD drafter: an EAGLE-2 style feature head with modality decoupling (``MSDHead``).
+
+The head has its own KV cache of *committed* slots (one per target token after the first,
+see the glossary in ``msd_head``). Per request and step:
+  begin(prompt, prefill)  queues slots 1..T-1 of the prompt: fc([embed(x_p) ; f_{p-1}]) at text
+                          positions, the target's projected visual embedding e_p at image ones
+  commit(tokens, hidden)  crops the working tree away and queues one slot per emitted token,
+                          fused with the target's feature at the position before it
+  root()                  forwards the queued slots (causal) and scores the token after the root
+  expand(tokens, parents) appends draft slots fused with their parent's *predicted* feature;
+                          a tree mask lets each see the committed slots, its ancestors, itself.
+Accepted draft slots are recomputed at the next root() from the target's real features (as
+EAGLE does); their predicted-feature cache entries are dropped.
+
+Positions: Llama heads use target positions p. A Qwen2-VL head uses M-RoPE; with
+``positions="target"`` (default) it takes exactly the target's positions: the prompt's 3-D
+positions from the target's rope index and p + rope_delta in all three sections after it. With
+``positions="sequential"`` it uses p in all three sections, as MSD's released Qwen2-VL head was
+trained and run (1-D positions). The draft positions never affect losslessness, only acceptance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from ..core.interfaces import PromptInputs, StepOutput
+from .msd_head import MSDHead
+
+POSITION_SCHEMES = ("target", "sequential")
+
+# prompt -> (# [3, T] the target's M-RoPE prompt positions, rope delta for later text positions)
+RopeIndex = Callable[[PromptInputs], tuple[Tensor, int]]
+
+
+@dataclass(frozen=True)
+class MSDConfig:
+    positions: str = "target"
+    name: str = "msd"
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"positions must be one of {POSITION_SCHEMES}, got {self.positions!r}")
+
+
+def qwen2_vl_rope_index(model: PreTrainedModel) -> RopeIndex:
+    """The target's own M-RoPE prompt positions, from ``model.model.get_rope_index``."""
+
+    def index(prompt: PromptInputs) -> tuple[Tensor, int]:
+        ids = prompt.input_ids.reshape(1, -1)
+        kw = prompt.model_kwargs
+        if kw.get("image_grid_thw") is None and kw.get("video_grid_thw") is None:
+            return torch.arange(ids.shape[1], device=ids.device).expand(3, -1), 0
+        mask = kw.get("attention_mask")
+        pos, delta = model.model.get_rope_index(
+            ids, mm_token_type_ids=kw["mm_token_type_ids"].reshape(1, -1),
+            image_grid_thw=kw.get("image_grid_thw"), video_grid_thw=kw.get("video_grid_thw"),
+            attention_mask=None if mask is None else mask.reshape(1, -1))
+        return pos[:, 0], int(delta.reshape(-1)[0])
+
+    return index
+
+
+class MSDDrafter:
+    needs_target_hidden = True
+
+    def __init__(self, head: MSDHead, cfg: MSDConfig = MSDConfig(),
+                 rope_index: RopeIndex | None = None):
+        self.mrope = head.kind == "qwen2_vl" and cfg.positions == "target"
+        if self.mrope and rope_index is None:
+            raise ValueError("a Qwen2-VL head with positions='target' needs the target's rope "
+                             "index (e.g. qwen2_vl_rope_index(target_model))")
+        self.head, self.cfg, self.rope_index = head, cfg, rope_index
+        self.name = cfg.name
+        self.forwards = 0
+        self._cache = head.new_cache()
+        self._committed = 0                     # cached slots of committed tokens (slot p at index p-1)
+        self._pending: list[Tensor] = []       # queued slot inputs, each # [k, H]
+        self._prompt_pos: Tensor | None = None  # [3, T] the target's M-RoPE prompt positions
+        self._delta = 0
+        self._root_g: Tensor | None = None      # [H] the head's output at the root slot
+        self._node_g: list[Tensor] = []         # per expanded node: # [H]
+        self._ancestors: list[list[int]] = []   # per expanded node: its ancestors and itself
+        self._depths: list[int] = []
+
+    # ------------------------------------------------------------------ protocol
+    @torch.no_grad()
+    def begin(self, prompt: PromptInputs, target_prefill: StepOutput) -> None:
+        ids = prompt.input_ids.reshape(-1)
+        feats, embeds = target_prefill.hidden, target_prefill.inputs_embeds
+        if feats is None or embeds is None:
+            raise ValueError("MSD needs the target prefill's hidden states and input embeddings "
+                             "(prefill(..., hidden=True, embeds=True))")
+        if feats.shape[0] != len(ids) or embeds.shape != feats.shape:
+            raise ValueError(f"prefill hidden {tuple(feats.shape)} and inputs_embeds "
+                             f"{tuple(embeds.shape)} must both be [{len(ids)}, H]")
+        image = prompt.image_mask if prompt.image_mask is not None else torch.zeros_like(ids, dtype=torch.bool)
+        self._cache = self.head.new_cache()
+        self._committed = 0
+        self._reset_tree()
+        self._root_g = None
+        if self.mrope:
+            self._prompt_pos, self._delta = self.rope_index(prompt)
+        dev = self.head.fc.weight.device
+        u = self.head.fuse(ids[None, 1:].to(dev), feats[None, :-1].to(dev),
+                           embeds[None, 1:].to(dev), image[None, 1:].to(dev))
+        self._pending = [u[0]]
+
+    @torch.no_grad()
+    def commit(self, tokens: list[int], hidden: Tensor | None) -> None:
+        if hidden is None or hidden.shape[0] != len(tokens):
+            raise ValueError(f"commit needs one target feature per token ({len(tokens)}), got "
+                             f"{None if hidden is None else tuple(hidden.shape)}")
+        self._cache.crop(self._committed - self._cache.get_seq_length())
+        dev = self.head.fc.weight.device
+        u = self.head.fuse(torch.tensor(tokens, device=dev)[None], hidden[None].to(dev))
+        self._pending.append(u[0])
+        self._reset_tree()
+
+    @torch.no_grad()
+    def root(self) -> Tensor:  # [V]
+        if not self._pending:
+            raise RuntimeError("root() needs the emitted tokens: call commit() first")
+        u = torch.cat(self._pending)  # [k, H]
+        self._pending = []
+        c, k = self._committed, len(u)
+        mask = torch.ones(k, c + k, dtype=torch.bool, device=u.device).tril(c)
+        slots = torch.arange(c + 1, c + k + 1, device=u.device)  # target positions of the slots
+        g = self.head(u[None], self._positions(slots), mask[None], self._cache)[0]
+        self.forwards += 1
+        self._root_g = g[-1]
+        self._committed = c + k
+        return self.head.logits(self._root_g)
+
+    @torch.no_grad()
+    def expand(self, tokens: Tensor, parents: Tensor) -> Tensor:  # [m], [m] -> [m, V]
+        if self._root_g is None:
+            raise RuntimeError("expand() needs root() first")
+        n0, m, c = len(self._depths), len(tokens), self._committed
+        for i, p in enumerate(parents.tolist()):
+            self._ancestors.append((self._ancestors[p] if p >= 0 else []) + [n0 + i])
+            self._depths.append(self._depths[p] + 1 if p >= 0 else 1)
+        parent_g = torch.stack([self._root_g if p < 0 else self._node_g[p] for p in parents.tolist()])
+        dev = parent_g.device
+        mask = torch.zeros(m, c + n0 + m, dtype=torch.bool, device=dev)
+        mask[:, :c] = True
+        for i in range(m):
+            mask[i, [c + a for a in self._ancestors[n0 + i]]] = True
+        depths = torch.tensor(self._depths[n0:], device=dev)
+        u = self.head.fuse(tokens.to(dev)[None], parent_g[None])
+        g = self.head(u, self._positions(c + depths), mask[None], self._cache)[0]
+        self.forwards += 1
+        self._node_g += list(g)
+        return self.head.logits(g)
+
+    # ------------------------------------------------------------------ helpers
+    def _positions(self, slots: Tensor) -> Tensor:  # [Q] target positions -> head position ids
+        if not self.mrope:
+            return slots[None]  # [1, Q]
+        prompt_len = self._prompt_pos.shape[1]
+        text = (slots + self._delta).expand(3, -1)
+        in_prompt = self._prompt_pos.to(slots.device)[:, slots.clamp(max=prompt_len - 1)]
+        return torch.where(slots < prompt_len, in_prompt, text)[:, None]  # [3, 1, Q]
+
+    def _reset_tree(self) -> None:
+        self._node_g, self._ancestors, self._depths = [], [], []
