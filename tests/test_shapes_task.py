@@ -10,18 +10,26 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
 
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from lmms_sd.data import shapes  # noqa: E402
-from lmms_sd.data.shapes import (  # noqa: E402
-    COLOURS, NUMBER_WORDS, POSITION_PHRASES, TEMPLATES, TOPICS, Content, Shape, ShapesItem,
-    make_items, score,
+from lmms_sd.data import shapes
+from lmms_sd.data.shapes import (
+    COLOURS,
+    NUMBER_WORDS,
+    POSITION_PHRASES,
+    TEMPLATES,
+    TOPICS,
+    Content,
+    Shape,
+    ShapesItem,
+    make_items,
+    score,
 )
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")  # before datasets / lmms_eval are imported, lazily below
 
 TASK_DIR = Path(shapes.__file__).resolve().parents[1] / "tasks"
 SHIPPED = TASK_DIR / "shapes" / "shapes_test.parquet"
@@ -72,11 +80,22 @@ def test_image_shows_exactly_the_content_colours(items: list[ShapesItem]) -> Non
         assert drawn == {COLOURS[s.colour] for s in item.content.shapes}, item.uid
 
 
-def test_each_shape_is_drawn_at_its_position() -> None:
-    for shape in SCENE:
-        image = shapes.render([shape], size=32)
-        x, y = shapes.POSITIONS[shape.position]
-        assert image.getpixel((int(x * 32), int(y * 32))) == COLOURS[shape.colour]
+EXPECTED_CENTRE = {"top": (0.5, 0.2), "left": (0.2, 0.5), "center": (0.5, 0.5),
+                   "right": (0.8, 0.5), "bottom": (0.5, 0.8)}  # where a reader would look
+
+
+@pytest.mark.parametrize("position", list(EXPECTED_CENTRE))
+@pytest.mark.parametrize("kind", shapes.SHAPES)
+def test_each_shape_is_drawn_where_its_position_says(kind: str, position: str) -> None:
+    size = 64
+    image = shapes.render([Shape(kind, "red", "large", position)], size=size)
+    pixels = [(i % size, i // size) for i, rgb in enumerate(image.getdata())
+              if rgb == COLOURS["red"]]
+    x = sum(p[0] for p in pixels) / len(pixels) / size
+    y = sum(p[1] for p in pixels) / len(pixels) / size
+    ex, ey = EXPECTED_CENTRE[position]
+    assert abs(x - ex) < 0.08 and abs(y - ey) < 0.08, (x, y)
+    assert len(pixels) == sum(1 for rgb in image.getdata() if rgb != shapes.BACKGROUND)
 
 
 def _positions_named(text: str) -> set[str]:
@@ -112,8 +131,8 @@ def test_content_round_trips_through_json(items: list[ShapesItem]) -> None:
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(kind="hexagon"), "shape kind"), (dict(colour="pink"), "colour"),
-    (dict(size="huge"), "size"), (dict(position="corner"), "position"),
+    ({"kind": "hexagon"}, "shape kind"), ({"colour": "pink"}, "colour"),
+    ({"size": "huge"}, "size"), ({"position": "corner"}, "position"),
 ])
 def test_bad_shape_values_are_named(bad: dict[str, str], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -150,11 +169,11 @@ def test_every_template_of_the_topic_scores_one(items: list[ShapesItem]) -> None
 
 @pytest.mark.parametrize("paraphrase", [
     # other order, synonyms (tiny, big, middle), one sentence, no count stated
-    "In the middle sits a tiny green cross, while a big blue circle is on the left and a small "
-    "red star is at the top.",
+    ("In the middle sits a tiny green cross, while a big blue circle is on the left and a small "
+     "red star is at the top."),
     # attributes given in later sentences about "it"
-    "I see 3 shapes. There is a circle. It is blue and large. It is on the left. A red star is "
-    "at the top, small. A small green cross is in the centre.",
+    ("I see 3 shapes. There is a circle. It is blue and large. It is on the left. A red star is "
+     "at the top, small. A small green cross is in the centre."),
     # a numbered list
     "1. small red star, top\n2. large blue circle, left\n3. small green cross, middle",
 ])
@@ -167,6 +186,7 @@ def test_paraphrase_with_the_same_content_scores_one(paraphrase: str) -> None:
     ("wrong size", GOOD.replace("large blue", "small blue")),
     ("wrong position", GOOD.replace("at the top", "at the bottom")),
     ("wrong kind", GOOD.replace("green cross", "green square")),
+    ("hedged colour", GOOD.replace("small red star", "small red or blue star")),
     ("wrong count", GOOD.replace("three", "four")),
     ("hallucinated shape", GOOD + " A large purple triangle is at the bottom."),
     ("missing shape", GOOD.replace(" A small green cross is in the center.", "")),

@@ -31,8 +31,8 @@ import math
 import random
 import re
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -244,9 +244,10 @@ def question_and_answer(content: Content, phrasing: int) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------- images
 def _star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Ten vertices, outer (radius r) and inner (0.45 r) in turn, the first straight up."""
+    angles = [math.pi * (i / 5 - 0.5) for i in range(10)]
     radii = [r if i % 2 == 0 else 0.45 * r for i in range(10)]
-    return [(cx + rad * math.cos(math.pi * (i / 5 - 0.5)), cy + rad * math.sin(math.pi * (i / 5 - 0.5)))
-            for i, rad in enumerate(radii)]
+    return [(cx + rad * math.cos(a), cy + rad * math.sin(a)) for a, rad in zip(angles, radii)]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float,
