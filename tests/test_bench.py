@@ -1,0 +1,58 @@
+"""The benchmark command on tiny models: schema and internal consistency of its outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmms_sd.bench import run as bench
+
+
+@pytest.fixture(scope="module")
+def llava_models(tiny_adapters):
+    return tiny_adapters["llava"]
+
+
+def test_bench_rows_are_consistent(llava_models):
+    prompts = bench.shapes_prompts(llava_models["target"], 2)
+    methods = ["ar", "oracle:chain:k=3", "draft_vlm:chain:k=2", "text_only:dynamic:depth=2;top_k=2;total_tokens=4"]
+    rows = bench.run(llava_models, prompts, methods, max_new_tokens=10, repeats=2, hf=True)
+    names = [r["method"] for r in rows]
+    assert names == methods + ["hf_generate", "hf_assisted(draft_vlm)"]
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        assert r["mismatches"] == 0, f"{r['method']} is not lossless"
+        assert len(r["walls_s"]) == 2 and min(r["walls_s"]) <= r["wall_s"] <= max(r["walls_s"])
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+        assert r["speedup"] == pytest.approx(by["ar"]["wall_s"] / r["wall_s"])
+    assert by["ar"]["tau"] == 1 and by["ar"]["target_fwd_per_token"] == 1
+    oracle = by["oracle:chain:k=3"]
+    # a perfect oracle emits k+1 tokens per step, except where it drafts past the end of the
+    # reference (it proposes token 0 there) in the last step
+    assert 3 < oracle["tau"] <= 4 and oracle["acceptance_rate"] >= 0.75
+    assert oracle["target_fwd_per_token"] < 0.6
+    md = bench.to_markdown(rows)
+    assert all(f"| {n} |" in md for n in names)
+
+
+def test_bench_cli_writes_json_and_markdown(tiny_paths, tmp_path):
+    paths = tiny_paths["llava"]
+    bench.main(["--target", str(paths["target"]), "--draft-vlm", str(paths["draft_vlm"]),
+                "--text-only", str(paths["text_only"]), "--items", "1", "--repeats", "1",
+                "--max-new-tokens", "6", "--methods", "ar", "draft_vlm:chain:k=2",
+                "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["ar", "draft_vlm:chain:k=2"]
+    assert data["meta"]["items"] == 1 and "torch" in data["meta"]["machine"]
+    assert (tmp_path / "bench.md").read_text().count("\n|") >= 3
+
+
+def test_method_spec_errors():
+    from lmms_sd.bench.methods import Method
+
+    assert Method.parse("x:static:acceptance=0.5;0.2;budget=4").tree_params == (
+        ("acceptance", "0.5,0.2"), ("budget", "4"))
+    with pytest.raises(ValueError, match="expected"):
+        Method.parse("chain")
+    with pytest.raises(ValueError, match="unknown tree builder"):
+        Method.parse("draft_vlm:bogus").builder()
