@@ -13,14 +13,14 @@ import os
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from lmms_sd.adapters import HFAdapter, load_adapter  # noqa: E402
-from lmms_sd.core.interfaces import PromptInputs  # noqa: E402
-from lmms_sd.testing.tiny import FAMILIES, ROLES, build_tiny_suite, tiny_image  # noqa: E402
+from lmms_sd.adapters import HFAdapter, load_adapter
+from lmms_sd.core.interfaces import PromptInputs
+from lmms_sd.testing.tiny import FAMILIES, ROLES, build_tiny_suite, tiny_image
 
 torch.set_num_threads(1)
 

@@ -74,7 +74,8 @@ def test_prefill_matches_hf_forward(adapter: HFAdapter, prompts: list[PromptInpu
         assert adapter.seq_len == len(expected)
 
 
-def test_prefill_hidden_is_the_lm_head_input(target: HFAdapter, prompts: list[PromptInputs]) -> None:
+def test_prefill_hidden_is_the_lm_head_input(target: HFAdapter,
+                                             prompts: list[PromptInputs]) -> None:
     # hidden = the decoder's final (normed) state, the lm_head's input, as EAGLE/MSD heads read it
     prompt = prompts[0]
     out = target.prefill(prompt, hidden=True)
@@ -83,7 +84,8 @@ def test_prefill_hidden_is_the_lm_head_input(target: HFAdapter, prompts: list[Pr
     torch.testing.assert_close(target.lm_head(out.hidden), out.logits, atol=ATOL, rtol=0)
 
 
-def test_prefill_embeds_merge_image_features(target: HFAdapter, prompts: list[PromptInputs]) -> None:
+def test_prefill_embeds_merge_image_features(target: HFAdapter,
+                                             prompts: list[PromptInputs]) -> None:
     # embeds = token embeddings at text positions, projected image features at image positions
     for prompt in prompts:
         emb = target.prefill(prompt, embeds=True).inputs_embeds
@@ -150,8 +152,7 @@ def test_incremental_decode_matches_hf(target: HFAdapter, prompts: list[PromptIn
         torch.testing.assert_close(torch.stack(logits), full[T - 1:], atol=ATOL, rtol=0)
 
 
-def test_qwen2_vl_rope_delta_matters(tiny_adapters: dict[str, dict[str, HFAdapter]],
-                                     prompts: list[PromptInputs]) -> None:
+def test_qwen2_vl_rope_delta_matters(tiny_adapters: dict[str, dict[str, HFAdapter]]) -> None:
     # the decode test above can fail: image prompts have a non-zero rope delta, and decoding
     # without it gives different logits than the model's own forward
     target = tiny_adapters["qwen2_vl"]["target"]

@@ -39,9 +39,9 @@ def test_tokenizer_trains_on_a_custom_corpus() -> None:
 
 @pytest.mark.parametrize("fam, expected", [
     ("llava", "USER: <image>\nHi? ASSISTANT: Yes.</s> USER: More ASSISTANT:"),
-    ("qwen2_vl", "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n"
-                 "<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\nMore<|im_end|>\n"
-                 "<|im_start|>assistant\n"),
+    ("qwen2_vl", ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n"
+                  "<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\nMore<|im_end|>\n"
+                  "<|im_start|>assistant\n")),
 ])
 def test_chat_templates(fam: str, expected: str) -> None:
     # the family's prompt format, with images first in the user turn and a generation prompt
@@ -91,7 +91,8 @@ def test_suite_shares_vocabulary_and_vision(fam: str,
     t_vision = suite["target"].model.config.vision_config.to_dict()
     d_vision = suite["draft_vlm"].model.config.vision_config.to_dict()
     if fam == "qwen2_vl":
-        assert d_vision.pop("hidden_size") == suite["draft_vlm"].model.config.text_config.hidden_size
+        draft_width = suite["draft_vlm"].model.config.text_config.hidden_size
+        assert d_vision.pop("hidden_size") == draft_width
         t_vision.pop("hidden_size")
     assert t_vision == d_vision
     d_layers = suite["draft_vlm"].model.config.text_config.num_hidden_layers

@@ -5,5 +5,5 @@ from .llava import LlavaAdapter
 from .loading import check_same_vocab, load_adapter
 from .qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["HFAdapter", "CausalLMAdapter", "LlavaAdapter", "Qwen2VLAdapter", "check_same_vocab",
+__all__ = ["CausalLMAdapter", "HFAdapter", "LlavaAdapter", "Qwen2VLAdapter", "check_same_vocab",
            "extend_prompt", "load_adapter"]

@@ -11,7 +11,8 @@ after its final norm, i.e. the feature the lm_head reads (what EAGLE and MSD hea
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -99,9 +100,11 @@ class HFAdapter:
         if positions is None:
             positions = torch.arange(past, past + q, device=self.device)
         if positions.shape != tokens.shape:
-            raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
+            raise ValueError(f"positions {tuple(positions.shape)} must match tokens "
+                             f"{tuple(tokens.shape)}")
         if mask is not None and tuple(mask.shape) != (q, past + q):
-            raise ValueError(f"mask {tuple(mask.shape)} must be [Q, seq_len + Q] = [{q}, {past + q}]")
+            raise ValueError(f"mask {tuple(mask.shape)} must be [Q, seq_len + Q] = "
+                             f"[{q}, {past + q}]")
         embeds = self.embed_tokens(tokens.to(self.device))
         return self._run(embeds, self._position_ids(positions.to(self.device)),
                          None if mask is None else self._float_mask(mask), hidden, attentions)

@@ -5,12 +5,13 @@ placeholders removed (the tokenizers must agree; see ``loading.check_same_vocab`
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from ..core.interfaces import PromptInputs
+from ..core.interfaces import PromptInputs, StepOutput
 from .base import HFAdapter, Messages
 
 
@@ -30,7 +31,8 @@ class CausalLMAdapter(HFAdapter):
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
         return PromptInputs(ids.to(self.device))
 
-    def prefill(self, prompt: PromptInputs, *, hidden: bool = False, embeds: bool = False):
+    def prefill(self, prompt: PromptInputs, *, hidden: bool = False,
+                embeds: bool = False) -> StepOutput:
         return super().prefill(PromptInputs(prompt.text_only_ids()), hidden=hidden, embeds=embeds)
 
     def _prefill_embeds(self, prompt: PromptInputs) -> Tensor:  # [T, H]

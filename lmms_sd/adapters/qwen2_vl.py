@@ -10,7 +10,8 @@ model's stored ``rope_deltas`` (stale across requests and forwards).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

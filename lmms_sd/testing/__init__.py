@@ -1,0 +1,1 @@
+"""Test support: a tiny offline LLaVA / Qwen2-VL model suite (``tiny.py``)."""

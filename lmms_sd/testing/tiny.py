@@ -112,8 +112,11 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 512,
 
 # ---------------------------------------------------------------------------- processors
 
-LLAVA_IMAGE_SIZE, LLAVA_PATCH = 32, 8          # 4 x 4 = 16 image tokens
-QWEN_IMAGE_SIZE, QWEN_PATCH, QWEN_MERGE = 32, 4, 2  # 8 x 8 patches merged 2x2 -> 16 tokens
+# Image token counts stay small. LLaVA: every image is resized and cropped to 32 x 32, in
+# 8 x 8 patches -> 16 tokens. Qwen2-VL keeps the aspect ratio (area between 16^2 and 48^2 pixels,
+# sides multiples of 8): a 32 x 32 image has 8 x 8 patches of 4, merged 2 x 2 -> 16 tokens.
+LLAVA_IMAGE_SIZE, LLAVA_PATCH = 32, 8
+QWEN_PATCH, QWEN_MERGE = 4, 2
 
 
 def llava_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
@@ -130,7 +133,7 @@ def qwen2_vl_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLImageOnlyPr
         patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
         size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
     return Qwen2VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 chat_template=tokenizer.chat_template)
+                                     chat_template=tokenizer.chat_template)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -141,9 +144,10 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
 
 
 def llama_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: int = 128,
-                 heads: int = 4, kv_heads: int = 2, init_std: float = 0.1) -> LlamaConfig:
+                 heads: int = 4, init_std: float = 0.1) -> LlamaConfig:
+    """A Llama LM (also LLaVA's language model) with grouped-query attention (heads / 2)."""
     return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                        max_position_embeddings=1024, initializer_range=init_std,
                        **_special_ids(tokenizer))
 
@@ -155,8 +159,7 @@ def llava_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: 
                               num_hidden_layers=vision_layers, num_attention_heads=2,
                               image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH,
                               projection_dim=vision_width)
-    text = llama_config(tokenizer, layers=layers, width=width, heads=heads,
-                        kv_heads=max(1, heads // 2), init_std=init_std)
+    text = llama_config(tokenizer, layers=layers, width=width, heads=heads, init_std=init_std)
     return LlavaConfig(vision_config=vision, text_config=text,
                        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                        image_seq_length=(LLAVA_IMAGE_SIZE // LLAVA_PATCH) ** 2,
@@ -164,8 +167,8 @@ def llava_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: 
                        projector_hidden_act="gelu", tie_word_embeddings=False)
 
 
-def qwen2_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 1, width: int = 64,
-                 heads: int = 2, init_std: float = 0.1) -> Qwen2Config:
+def qwen2_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: int = 128,
+                 heads: int = 4, init_std: float = 0.1) -> Qwen2Config:
     return Qwen2Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                        max_position_embeddings=1024, initializer_range=init_std,
@@ -216,7 +219,7 @@ def build_tiny_models(family: str, seed: int = 0,
         classes = (LlavaForConditionalGeneration, LlavaForConditionalGeneration, LlamaForCausalLM)
         processor = llava_processor(tok)
         cfgs = (llava_config(tok), llava_config(tok, layers=1, width=64, heads=2),
-                llama_config(tok, layers=1, width=64, heads=2, kv_heads=1))
+                llama_config(tok, layers=1, width=64, heads=2))
     else:
         classes = (Qwen2VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
                    Qwen2ForCausalLM)
