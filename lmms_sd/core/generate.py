@@ -20,7 +20,7 @@ import torch
 from .interfaces import Drafter, ModelAdapter, PromptInputs
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .tree import DraftTree
-from .verify import verify_greedy, verify_stochastic
+from .verify import Verdict, verify_greedy, verify_stochastic
 
 TARGET, DRAFT = "target", "draft"
 
@@ -139,11 +139,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+StepObserver = Callable[[DraftTree, torch.Tensor, Verdict], None]
+
+
 def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
              drafter: Drafter | None = None, builder: Callable | None = None,
-             decode: Callable[[Sequence[int]], str] | None = None) -> GenerationResult:
+             decode: Callable[[Sequence[int]], str] | None = None,
+             observer: StepObserver | None = None) -> GenerationResult:
     """Decode one request. Greedy output equals the target's own greedy output token for token;
-    sampled output follows the target's (processed) distribution."""
+    sampled output follows the target's (processed) distribution.
+
+    observer(tree, target_logits [N+1, V], verdict) is called after each verification, e.g. to
+    collect calibration traces from the verify forward at no extra target cost."""
     if (drafter is None) != (builder is None):
         raise ValueError("pass both a drafter and a tree builder, or neither")
     stop = StopChecker(cfg, decode)
@@ -184,6 +191,8 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
             verdict = verify_greedy(tree, res.logits)
         else:
             verdict = verify_stochastic(tree, logits_to_probs(res.logits, cfg.sampling), gen)
+        if observer is not None:
+            observer(tree, res.logits, verdict)
         # 3. commit the root and the accepted path in the target cache
         kept = torch.tensor([0] + [i + 1 for i in verdict.accepted], device=device)
         if len(tree):
