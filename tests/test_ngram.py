@@ -73,7 +73,8 @@ def test_empty_history():
 # ---------------------------------------------------------------- as a Drafter
 def _begin(drafter: MaGDrafter, prompt: list[int], image_mask: list[bool] | None = None) -> None:
     mask = torch.tensor(image_mask) if image_mask is not None else None
-    drafter.begin(PromptInputs(_t(prompt), image_mask=mask), StepOutput(torch.zeros(len(prompt), 10)))
+    prefill = StepOutput(torch.zeros(len(prompt), 10))
+    drafter.begin(PromptInputs(_t(prompt), image_mask=mask), prefill)
 
 
 def test_drafter_rows_are_one_hot_and_follow_the_tree_paths():
@@ -160,7 +161,8 @@ def test_build_command_with_a_local_tokenizer(tmp_path):
     words = ["[UNK]", "the", "cat", "sat", "on", "mat", "dog"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    hf_tok.save_pretrained(tmp_path / "tok")
     corpus = "the cat sat on the mat\n\nthe dog sat on the cat\nthe cat\n"
     (tmp_path / "corpus.txt").write_text(corpus)
     out = tmp_path / "table.json"

@@ -17,10 +17,13 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FORMAT = "lmms_sd-bigram-v1"
 
@@ -35,7 +38,8 @@ class BigramTable:
     def __post_init__(self) -> None:
         v = len(self.next_token)
         if self.next_token.dim() != 1 or v == 0:
-            raise ValueError(f"next_token must be a non-empty 1-D tensor, got {tuple(self.next_token.shape)}")
+            raise ValueError("next_token must be a non-empty 1-D tensor, got shape "
+                             f"{tuple(self.next_token.shape)}")
         if not 0 <= self.fallback < v:
             raise ValueError(f"fallback token {self.fallback} is outside the vocabulary [0, {v})")
         bad = (self.next_token < -1) | (self.next_token >= v)
@@ -122,7 +126,8 @@ class PairCounter:
         codes = torch.cat([self._codes, *self._pending])
         counts = torch.cat([self._counts, torch.ones(self._n_pending, dtype=torch.long)])
         self._codes, inverse = torch.unique(codes, return_inverse=True)
-        self._counts = torch.zeros(len(self._codes), dtype=torch.long).index_add_(0, inverse, counts)
+        self._counts = torch.zeros(len(self._codes), dtype=torch.long)
+        self._counts.index_add_(0, inverse, counts)
         self._pending, self._n_pending = [], 0
 
     def table(self) -> BigramTable:
@@ -140,8 +145,9 @@ class PairCounter:
         return BigramTable(nxt, int(self._unigram.argmax()))  # argmax: first of the ties
 
 
-def build_from_corpus(tokenizer, lines: Iterable[str], vocab_size: int | None = None,
-                      progress: bool = True, total: int | None = None) -> BigramTable:
+def build_from_corpus(tokenizer: "PreTrainedTokenizerBase", lines: Iterable[str],
+                      vocab_size: int | None = None, progress: bool = True,
+                      total: int | None = None) -> BigramTable:
     """Tokenize each non-empty line (no special tokens) and count its pairs.
 
     ``tokenizer``: a Hugging Face tokenizer; ``vocab_size`` defaults to ``len(tokenizer)``.
@@ -165,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--corpus", required=True, help="UTF-8 text file, one document per line")
     build.add_argument("--out", required=True, help="output JSON table")
     build.add_argument("--vocab-size", type=int, default=None,
-                       help="table size (default: len(tokenizer)); use the target's vocabulary size")
+                       help="table size (default: len(tokenizer)); give the target's "
+                            "vocabulary size")
     build.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 

@@ -97,7 +97,9 @@ class MaGDrafter:
 
     def next_token(self, path: list[int]) -> int:
         """The proposal after the committed history followed by ``path``."""
-        seq = torch.cat([self._history, torch.tensor(path, dtype=torch.long)]) if path else self._history
+        seq = self._history
+        if path:
+            seq = torch.cat([seq, torch.tensor(path, dtype=torch.long)])
         return mag_next_token(seq, self.table, self.cfg.max_match)
 
     def root(self) -> Tensor:  # [V]
