@@ -1,7 +1,14 @@
 """The lmms-eval layer: speed aggregation, registration, model construction, and real CLI runs."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
 import pytest
+import torch
 
 from lmms_sd.lmms_eval.speed import flat_metrics, gather, summarize, summarize_by_task
 
@@ -69,3 +76,232 @@ def test_gather_single_process_sorts_by_task_and_doc():
     recs = [record("b", 1, stats(1, 1.0, [], 0)), record("a", 3, stats(1, 1.0, [], 0)),
             record("a", 0, stats(1, 1.0, [], 0))]
     assert [(r["task"], r["doc_id"]) for r in gather(recs)] == [("a", 0), ("a", 3), ("b", 1)]
+
+
+# ---------------------------------------------------------------------------- registration
+
+def test_entry_point_lists_our_manifests():
+    from importlib.metadata import entry_points
+
+    from lmms_sd.lmms_eval.registry import MANIFESTS
+
+    values = [ep.value for ep in entry_points(group="lmms_eval.models")]
+    assert "lmms_sd.lmms_eval.registry:MANIFESTS" in values, \
+        "entry point missing: install the package (pip install --no-deps -e .)"
+    assert len({m.model_id for m in MANIFESTS}) == 8
+
+
+@pytest.mark.parametrize("force_simple", [False, True])
+def test_every_name_resolves_to_a_valid_class(force_simple: bool):
+    """lmms-eval's own resolution: chat class by default, simple with --force_simple, and its
+    check that ``is_simple`` agrees with the resolved kind."""
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    from lmms_sd.lmms_eval.registry import MANIFESTS
+
+    registry = ModelRegistryV2()
+    for manifest in MANIFESTS:
+        registry.register_manifest(manifest)
+    for manifest in MANIFESTS:
+        cls = registry.get_model_class(manifest.model_id, force_simple=force_simple)
+        assert cls.is_simple is force_simple
+        assert cls.family in manifest.model_id
+
+
+# ---------------------------------------------------------------------------- models in process
+
+@pytest.fixture(scope="session")
+def noisy_drafts(tiny_paths: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per family, the target with noise on its lm_head: a draft that agrees often but not
+    always, so every run mixes accepted and rejected draft tokens."""
+    from lmms_sd.adapters.loading import VLM_FAMILIES, load_processor
+
+    root = tmp_path_factory.mktemp("noisy_drafts")
+    out = {}
+    for family, paths in tiny_paths.items():
+        model = VLM_FAMILIES[family][0].from_pretrained(paths["target"])
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            w = model.get_output_embeddings().weight
+            w.add_(0.3 * w.std() * torch.randn(w.shape, generator=gen))
+        out[family] = root / family
+        model.save_pretrained(out[family])
+        load_processor(paths["target"]).save_pretrained(out[family])
+    return out
+
+
+def model_class(family: str, chat: bool = False, method: str = "SD") -> type:
+    from lmms_sd.lmms_eval import models
+
+    name = {"llava": "Llava", "qwen2_vl": "Qwen2VL"}[family] + method + ("Chat" if chat else "")
+    return getattr(models, name)
+
+
+DOCS = [{"question": q, "seed": i} for i, q in enumerate(
+    ["Describe the image.", "What is in the picture?", "Tell me about the shapes."])]
+
+
+def requests(chat: bool, gen_kwargs: dict, n: int = len(DOCS), pad: int = 0) -> list:
+    """lmms-eval ``generate_until`` Instances over ``DOCS`` (task "t", split "test"), plus
+    ``pad`` padding duplicates of the last one, as the evaluator adds them."""
+    from lmms_eval.api.instance import Instance
+
+    from lmms_sd.testing.tiny import tiny_image
+
+    def visual(doc: dict) -> list:
+        return [tiny_image(doc["seed"])]
+
+    def messages(doc: dict) -> list:
+        return [{"role": "user", "content": [{"type": "image", "url": visual(doc)[0]},
+                                             {"type": "text", "text": doc["question"]}]}]
+
+    out = []
+    for i in list(range(n)) + [n - 1] * pad:
+        args = ((DOCS[i]["question"], messages, dict(gen_kwargs), i, "t", "test") if chat else
+                (DOCS[i]["question"], dict(gen_kwargs), visual, i, "t", "test"))
+        meta = {"task": "t", "doc_id": i, "repeats": 1}
+        if len(out) >= n:
+            meta["__padding_only__"] = True
+        out.append(Instance("generate_until", args, 0, metadata=meta))
+    return out
+
+
+def make_model(family: str, chat: bool = False, method: str = "SD", **model_args: Any):
+    model = model_class(family, chat, method)(**{k: str(v) for k, v in model_args.items()})
+    model.task_dict = {"t": {"test": DOCS}}
+    return model
+
+
+@pytest.fixture(scope="module")
+def sd_models(tiny_paths: dict, noisy_drafts: dict) -> dict[str, Any]:
+    """Per family: the simple class with the noisy draft, a chain of 3 and a baseline."""
+    return {f: make_model(f, pretrained=tiny_paths[f]["target"], draft=noisy_drafts[f],
+                          baseline=True, **{"tree.k": 3}) for f in tiny_paths}
+
+
+GREEDY = {"until": ["\n\n"], "max_new_tokens": 24, "do_sample": False}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_speculative_text_equals_autoregressive(sd_models: dict, tiny_paths: dict, family: str,
+                                                chat: bool, tmp_path: Path):
+    model = sd_models[family]
+    model.is_simple = not chat  # the chat class differs from the simple one in this flag only
+    model.settings = dataclasses.replace(model.settings, stats_path=str(tmp_path / "s.jsonl"))
+    out = model.generate_until(requests(chat, GREEDY))
+    records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in records] == [0, 1, 2]
+    assert all(r["text_match"] for r in records)
+    accepted = sum(r["stats"]["accepted"] for r in records)
+    assert 0 < accepted < sum(r["stats"]["drafted"] for r in records), "want partial acceptance"
+    for o, r in zip(out, records):
+        assert o.token_counts.output_tokens == r["stats"]["new_tokens"] > 0
+        assert len(r["stats"]["origin"]) == len(r["stats"]["tokens"]) == r["stats"]["new_tokens"]
+    off = make_model(family, chat, pretrained=tiny_paths[family]["target"], sd="off")
+    assert [o.text for o in off.generate_until(requests(chat, GREEDY))] == [o.text for o in out]
+    assert off.drafter is None
+
+
+def test_chat_and_simple_requests_build_the_same_prompt(sd_models: dict, family: str):
+    model = sd_models[family]
+    texts = []
+    for chat in (False, True):
+        model.is_simple = not chat
+        texts.append([o.text for o in model.generate_until(requests(chat, GREEDY, n=1))])
+    model.is_simple = True
+    assert texts[0] == texts[1]
+
+
+def test_padding_duplicates_are_not_decoded_or_counted(sd_models: dict, tmp_path: Path):
+    model = sd_models["llava"]
+    model.settings = dataclasses.replace(model.settings, stats_path=str(tmp_path / "s.jsonl"))
+    out = model.generate_until(requests(False, GREEDY, n=2, pad=2))
+    assert len(out) == 4 and out[2].text == out[3].text == "" and out[0].text
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
+
+
+def test_until_and_max_new_tokens_are_honoured(sd_models: dict):
+    model = sd_models["llava"]
+    full = model.generate_until(requests(False, {**GREEDY, "until": []}, n=1))[0]
+    letters = re.search(r"[A-Za-z]{2}", full.text[3:])  # ASCII: decodes the same in any prefix
+    assert letters, f"need an output with two ASCII letters after the start: {full.text!r}"
+    stop = letters.group()
+    cut = model.generate_until(requests(False, {**GREEDY, "until": [stop]}, n=1))[0]
+    assert cut.text == full.text[:full.text.index(stop)]
+    assert cut.token_counts.output_tokens < full.token_counts.output_tokens
+    short = model.generate_until(requests(False, {**GREEDY, "max_new_tokens": 5}, n=1))[0]
+    assert short.token_counts.output_tokens == 5 and full.text.startswith(short.text)
+
+
+def test_sampling_requests_decode_and_skip_the_text_comparison(sd_models: dict, tmp_path: Path):
+    model = sd_models["qwen2_vl"]
+    model.settings = dataclasses.replace(model.settings, stats_path=str(tmp_path / "s.jsonl"))
+    kwargs = {**GREEDY, "do_sample": True, "temperature": 0.8, "top_p": 0.9}
+    first = [o.text for o in model.generate_until(requests(False, kwargs, n=2))]
+    again = [o.text for o in model.generate_until(requests(False, kwargs, n=2))]
+    assert first == again, "sampling is seeded per request"
+    records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert all(r["greedy"] is False and r["text_match"] is None for r in records)
+
+
+def test_throughput_reaches_lmms_eval(sd_models: dict):
+    from lmms_eval.models.model_utils.gen_metrics import (reset_logged_metrics,
+                                                          summarize_logged_metrics)
+
+    reset_logged_metrics()
+    out = sd_models["llava"].generate_until(requests(False, GREEDY))
+    summary = summarize_logged_metrics()
+    assert summary["total_gen_tokens"] == sum(o.token_counts.output_tokens for o in out)
+    assert summary["avg_requests"] == 3 and summary["avg_mismatches"] == 0
+    for key in ("avg_tau", "avg_acceptance_rate", "avg_speedup", "avg_target_forwards_per_token",
+                "avg_t/tau", "avg_latency"):
+        assert key in summary, key
+    assert summary["avg_tau"] > 1
+
+
+def test_num_beams_above_one_fails_the_request(sd_models: dict):
+    with pytest.raises(ValueError, match="num_beams=2"):
+        sd_models["llava"].generate_until(requests(False, {**GREEDY, "num_beams": 2}, n=1))
+
+
+# ---------------------------------------------------------------------------- construction errors
+
+def test_unknown_tree_name_and_parameter(tiny_paths: dict):
+    target = tiny_paths["llava"]["target"]
+    with pytest.raises(ValueError, match="unknown tree builder 'bush'"):
+        make_model("llava", pretrained=target, draft=target, tree="bush")
+    with pytest.raises(ValueError, match="'depth'"):
+        make_model("llava", pretrained=target, draft=target, **{"tree.depth": 3})
+
+
+def test_missing_draft(tiny_paths: dict, tmp_path: Path):
+    target = tiny_paths["llava"]["target"]
+    with pytest.raises(ValueError, match="needs draft="):
+        make_model("llava", pretrained=target)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        make_model("llava", pretrained=target, draft=tmp_path / "nowhere")
+
+
+def test_mismatched_vocabularies(tiny_paths: dict):
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        make_model("llava", pretrained=tiny_paths["llava"]["target"],
+                   draft=tiny_paths["qwen2_vl"]["text_only"])
+
+
+def test_target_of_the_wrong_family(tiny_paths: dict):
+    with pytest.raises(ValueError, match="needs a llava target"):
+        make_model("llava", pretrained=tiny_paths["qwen2_vl"]["target"], sd="off")
+
+
+def test_text_only_draft_runs(tiny_paths: dict, family: str):
+    model = make_model(family, chat=True, pretrained=tiny_paths[family]["target"], baseline=True,
+                       draft=tiny_paths[family]["text_only"])
+    assert model.drafter.text_only
+    assert model.generate_until(requests(True, GREEDY, n=1))[0].text
+
+
+@pytest.mark.parametrize("method, piece", [("MSD", "msd_head"), ("MSDCalibrated", "calibrat"),
+                                           ("Cascade", "cascade")])
+def test_unimplemented_methods_name_the_missing_piece(method: str, piece: str):
+    with pytest.raises(NotImplementedError, match=piece):
+        model_class("llava", method=method)(pretrained="/nowhere")

@@ -40,7 +40,7 @@ class SDArgs:
 
     pretrained:      the target checkpoint (a directory saved with ``save_pretrained``).
     draft:           the draft checkpoint: a small VLM / LM (``*_sd``) or a draft head (``*_msd``).
-    draft_text_only: the draft is a text-only LM: it sees the prompt without image tokens.
+    draft_text_only: hide the image from a VLM draft (a text-only LM draft never sees it).
     tree:            tree builder name (``lmms_sd.trees``); its settings go in ``tree.<key>=``.
     sd:              ``off`` decodes autoregressively through the very same wrapper.
     baseline:        also decode every request autoregressively and report the speedup and the

@@ -150,15 +150,18 @@ def results_dir_jsonl() -> Path | None:
     ``<same dir>/<same date>_speed.jsonl``, or None outside such a run or without --output_path.
     """
     frame = inspect.currentframe()
-    while frame is not None:
-        if (frame.f_code.co_name == "simple_evaluate"
-                and frame.f_globals.get("__name__") == "lmms_eval.evaluator"):
-            tracker = frame.f_locals.get("evaluation_tracker")
-            date = frame.f_locals.get("datetime_str")
-            output = getattr(tracker, "output_path", None)
-            if not output or not date:
-                return None
-            name = tracker.general_config_tracker.model_name_sanitized
-            return Path(output) / name / f"{str(date).replace(':', '-')}_speed.jsonl"
-        frame = frame.f_back
-    return None
+    try:
+        while frame is not None and not (frame.f_code.co_name == "simple_evaluate" and
+                                         frame.f_globals.get("__name__") == "lmms_eval.evaluator"):
+            frame = frame.f_back
+        if frame is None:
+            return None
+        tracker = frame.f_locals.get("evaluation_tracker")
+        date = frame.f_locals.get("datetime_str")
+    finally:
+        del frame  # frames on the stack hold every local: do not keep them alive
+    output = getattr(tracker, "output_path", None)
+    if not output or not date:
+        return None
+    name = tracker.general_config_tracker.model_name_sanitized
+    return Path(output) / name / f"{str(date).replace(':', '-')}_speed.jsonl"

@@ -1,0 +1,191 @@
+"""The lmms-eval model class shared by every speculative method.
+
+One request, in order:
+  1. inputs    simple requests: ``(ctx, gen_kwargs, doc_to_visual, doc_id, task, split)``;
+               chat requests: ``(ctx, doc_to_messages, gen_kwargs, doc_id, task, split)``
+  2. prompt    the target adapter's ``prepare`` applies the chat template and the processor
+  3. settings  ``gen_kwargs`` -> ``GenerationConfig`` (max_new_tokens, temperature, top_p, top_k,
+               do_sample, until; num_beams > 1 is an error)
+  4. decode    the core loop with the method's drafter and tree builder (none with ``sd=off``)
+  5. baseline  with ``baseline=true`` the same prompt again, autoregressively
+  6. record    per-request statistics; after the last request every rank gathers them and
+               rank 0 reports them to lmms-eval and writes the per-sample JSONL (``speed.py``)
+Requests the evaluator adds only to even out ranks (``__padding_only__``) are not decoded.
+Errors propagate: a request that fails to decode fails the run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from accelerate import Accelerator
+from loguru import logger as eval_logger
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.protocol import ChatMessages
+from PIL import Image
+from tqdm import tqdm
+
+from ..adapters import HFAdapter, load_adapter
+from ..core.generate import GenerationConfig, GenerationResult as CoreResult, generate
+from ..core.interfaces import Drafter, PromptInputs
+from ..trees import make_builder
+from .args import SDArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
+from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
+
+Prompt = str | list[dict[str, Any]]  # a user text (images go first) or chat messages
+
+
+class SpeculativeLMM(lmms):
+    """Base of ``<family>_<method>`` model classes. Subclasses set ``family`` (the checkpoint
+    family the target must be) and ``Args``, and implement ``make_drafter``; chat variants set
+    ``is_simple = False``."""
+
+    is_simple: ClassVar[bool] = True
+    family: ClassVar[str] = ""
+    Args: ClassVar[type[SDArgs]] = SDArgs
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> "SpeculativeLMM":
+        """Like lmms-eval's, but values stay strings so our field types alone convert them."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **split_model_args(arg_string)})
+
+    def __init__(self, **model_args: Any) -> None:
+        super().__init__()
+        self.settings, tree_params = parse_model_args(self.Args, model_args)
+        self.builder = make_builder(self.settings.tree, **tree_params)  # validates early
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self._device = _pick_device(self.settings.device, self.accelerator)
+        self.target = self.load(self.settings.pretrained)
+        if self.target.family != self.family:
+            raise ValueError(f"{type(self).__name__} needs a {self.family} target; "
+                             f"{self.settings.pretrained} is a {self.target.family} checkpoint")
+        self.drafter: Drafter | None = self.make_drafter() if self.settings.sd else None
+        self._records: list[Record] = []
+
+    # ------------------------------------------------------------------ method hooks
+    def make_drafter(self) -> Drafter:
+        raise NotImplementedError
+
+    def load(self, path: str) -> HFAdapter:
+        """An adapter for the checkpoint at ``path`` on this process's device."""
+        return load_adapter(path, device=self._device, dtype=getattr(torch, self.settings.dtype),
+                            attn_implementation=self.settings.attn_implementation)
+
+    # ------------------------------------------------------------------ lmms-eval API
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        out: list[GenerationResult] = []
+        records: list[Record] = []
+        for req in tqdm(requests, disable=self.rank != 0, desc=f"{type(self).__name__}"):
+            if (req.metadata or {}).get("__padding_only__"):
+                out.append(GenerationResult(text="", token_counts=None))  # discarded by lmms-eval
+                continue
+            text, record, counts = self._respond(req)
+            out.append(GenerationResult(text=text, token_counts=counts))
+            records.append(record)
+        self._report(records)
+        return out
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError(f"{type(self).__name__} decodes (generate_until); "
+                                  "loglikelihood tasks have nothing to speculate")
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__} does not support multi-round tasks")
+
+    # ------------------------------------------------------------------ one request
+    def _respond(self, req: Instance) -> tuple[str, Record, TokenCounts]:
+        prompt_in, images, gen_kwargs, (task, doc_id) = self._request_inputs(req)  # 1.
+        prompt = self.target.prepare(prompt_in, images)                             # 2.
+        cfg = generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
+                                eos_token_ids=self.target.eos_token_ids,
+                                seed=self.settings.seed + int(doc_id))               # 3.
+        text, result = self._decode(prompt, cfg, self.drafter)                     # 4.
+        record: Record = {"task": task, "doc_id": int(doc_id), "rank": self.rank,
+                          "greedy": cfg.sampling.greedy, "stats": sample_stats(result),
+                          "baseline": None, "text_match": None}
+        if self.settings.baseline:                                                  # 5.
+            base_text, base = self._decode(prompt, cfg, None)
+            record["baseline"] = sample_stats(base)
+            if cfg.sampling.greedy:
+                record["text_match"] = text == base_text
+                if text != base_text:
+                    eval_logger.warning(f"{task} doc {doc_id}: greedy speculative output differs "
+                                        f"from autoregressive\n  sd: {text!r}\n  ar: {base_text!r}")
+        counts = TokenCounts(input_tokens=len(prompt.input_ids), output_tokens=len(result.tokens))
+        self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), text)
+        return text, record, counts                                                 # 6.
+
+    def _decode(self, prompt: PromptInputs, cfg: GenerationConfig,
+                drafter: Drafter | None) -> tuple[str, CoreResult]:
+        builder = self.builder if drafter is not None else None
+        result = generate(self.target, prompt, cfg, drafter, builder, self.target.decode)
+        return cut_at_stop(self.target.decode(result.tokens), cfg.stop_strings), result
+
+    def _request_inputs(self, req: Instance) -> tuple[Prompt, list[Image.Image], dict, tuple[str, int]]:
+        """The prompt (text or chat messages), its images, gen_kwargs and (task, doc_id)."""
+        if self.is_simple:
+            ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            doc = self.task_dict[task][split][doc_id]
+            visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+            return ctx, _images(visuals), dict(gen_kwargs), (task, doc_id)
+        _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
+        chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+        images, videos, audios = chat.extract_media()
+        if videos or audios:
+            raise NotImplementedError(f"{task} doc {doc_id}: only image inputs are supported")
+        messages = [{"role": m["role"], "content": [_strip_media(c) for c in m["content"]]}
+                    for m in chat.model_dump()["messages"]]
+        return messages, _images(images), dict(gen_kwargs), (task, doc_id)
+
+    # ------------------------------------------------------------------ reporting
+    def _report(self, records: list[Record]) -> None:
+        everyone = gather(records)
+        if not self.accelerator.is_main_process:
+            return
+        log_speed(everyone)
+        path = Path(self.settings.stats_path) if self.settings.stats_path else results_dir_jsonl()
+        if path is not None:
+            write_jsonl(path, everyone)
+            eval_logger.info(f"per-sample speed statistics: {path}")
+
+
+def _pick_device(requested: str | None, accelerator: Accelerator) -> torch.device:
+    """The requested device; a bare ``cuda`` means this process's GPU under multi-process."""
+    if requested is None:
+        return accelerator.device
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", accelerator.local_process_index)
+    return device
+
+
+def _images(visuals: Any) -> list[Image.Image]:
+    """lmms-eval visuals (a list, possibly nested, of PIL images) -> a flat list of images."""
+    flat: list[Any] = []
+    for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
+        flat.extend(v if isinstance(v, (list, tuple)) else [v])
+    for v in flat:
+        if not isinstance(v, Image.Image):
+            raise NotImplementedError(f"only PIL image inputs are supported, got {type(v).__name__}")
+    return [v.convert("RGB") for v in flat]
+
+
+def _strip_media(content: dict[str, Any]) -> dict[str, Any]:
+    """A chat content item for the chat template: images become ``{"type": "image"}`` (the
+    images themselves go to the processor in order)."""
+    if content["type"] == "image":
+        return {"type": "image"}
+    return {"type": "text", "text": content["text"]}
