@@ -20,17 +20,13 @@ import torch
 
 from lmms_sd.adapters import HFAdapter, load_adapter
 from lmms_sd.core.interfaces import PromptInputs
-from lmms_sd.testing.tiny import FAMILIES, ROLES, build_tiny_suite, tiny_image
+from lmms_sd.testing.tiny import FAMILIES, ROLES, build_tiny_suite, tiny_prompts
 
 torch.set_num_threads(1)
 
 
-PROMPT_SPECS = [  # (text, images): one image, a non-square image, two images, no image
-    ("What is in the image?", [tiny_image(0)]),
-    ("Describe the picture in detail.", [tiny_image(1, 48, 32)]),
-    ("Compare the two images.", [tiny_image(2), tiny_image(3)]),
-    ("Tell me a story about a red circle.", []),
-]
+# (text, images) requests, also importable as lmms_sd.testing.tiny.tiny_prompts()
+PROMPT_SPECS = tiny_prompts()
 
 
 @pytest.fixture(scope="session")

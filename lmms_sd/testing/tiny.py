@@ -208,6 +208,14 @@ def tiny_image(seed: int, width: int = 32, height: int = 32) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def tiny_prompts() -> list[tuple[str, list[Image.Image]]]:
+    """Deterministic (text, images) requests: one image, a non-square image, two images, none."""
+    return [("What is in the image?", [tiny_image(0)]),
+            ("Describe the picture in detail.", [tiny_image(1, 48, 32)]),
+            ("Compare the two images.", [tiny_image(2), tiny_image(3)]),
+            ("Tell me a story about a red circle.", [])]
+
+
 def build_tiny_models(family: str, seed: int = 0,
                       tokenizer: PreTrainedTokenizerFast | None = None,
                       ) -> tuple[dict[str, PreTrainedModel], Any, PreTrainedTokenizerFast]:
