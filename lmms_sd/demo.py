@@ -1,0 +1,103 @@
+"""The offline demo: an lmms-eval run of a speculative model class on the shipped shapes models.
+
+    python -m lmms_sd.demo                      # llava_msd on shapes_caption, 16 documents
+    python -m lmms_sd.demo --model llava_sd --limit 48 --tasks shapes
+
+It launches the real harness (``accelerate launch -m lmms_eval`` through
+``python -m accelerate.commands.launch``, which works without torchvision), with
+``baseline=true`` so the same process also decodes every request autoregressively, then reads
+the results JSON and prints accuracy and speed side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .assets import shipped_model
+from .lmms_eval import tasks_dir
+
+DRAFT_ROLE = {"llava_msd": "msd_head", "qwen2_vl_msd": "msd_head", "llava_sd": "draft_vlm",
+              "qwen2_vl_sd": "draft_vlm"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+
+def command(model: str, tasks: str, limit: int | None, out: Path, processes: int,
+            extra_args: str = "") -> list[str]:
+    """The accelerate + lmms-eval command line of the demo."""
+    family = "qwen2_vl" if model.startswith("qwen2_vl") else "llava"
+    if model not in DRAFT_ROLE:
+        raise ValueError(f"the demo runs one of {sorted(DRAFT_ROLE)}, not {model!r}")
+    args = (f"pretrained={shipped_model(family, 'target')},"
+            f"draft={shipped_model(family, DRAFT_ROLE[model])},baseline=true")
+    if extra_args:
+        args += "," + extra_args
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+              str(processes), "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    if processes > 1:
+        launch.append("--multi_gpu")
+    cmd = launch + ["-m", "lmms_eval", "--model", model, "--model_args", args,
+                    "--tasks", tasks, "--include_path", str(tasks_dir()),
+                    "--batch_size", "1", "--output_path", str(out), "--verbosity", "WARNING"]
+    return cmd + (["--limit", str(limit)] if limit else [])
+
+
+def newest_results(out: Path) -> dict:
+    files = sorted(out.rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"lmms-eval wrote no results under {out}: see its log above")
+    return json.loads(files[-1].read_text())
+
+
+def summary_table(results: dict) -> str:
+    """Accuracy per task and the speed summary of a results JSON, as Markdown."""
+    rows = ["| task | content_acc | tau | tokens/s | AR tokens/s | speedup | greedy mismatches |",
+            "|---|---|---|---|---|---|---|"]
+    speed = results.get("throughput", {})
+
+    def get(task: str, key: str) -> str:
+        v = speed.get(f"avg_{task}/{key}" if task else f"avg_{key}")
+        return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    for task, metrics in results.get("results", {}).items():
+        acc = next((v for k, v in metrics.items() if k.startswith("content_acc") and "stderr" not in k), None)
+        acc_s = "-" if acc is None else f"{acc:.3f}"
+        rows.append(f"| {task} | {acc_s} | {get(task, 'tau')} | {get(task, 'tokens_per_second')} | "
+                    f"{get(task, 'baseline_tokens_per_second')} | {get(task, 'speedup')} | "
+                    f"{get(task, 'mismatches')} |")
+    rows.append(f"| all | - | {get('', 'tau')} | {get('', 'tokens_per_second')} | "
+                f"{get('', 'baseline_tokens_per_second')} | {get('', 'speedup')} | {get('', 'mismatches')} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lmms_sd.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llava_msd", choices=sorted(DRAFT_ROLE))
+    ap.add_argument("--tasks", default="shapes_caption")
+    ap.add_argument("--limit", type=int, default=16, help="documents per task (0: all)")
+    ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--model-args", default="", help="extra model_args, e.g. tree=chain,tree.k=6")
+    ap.add_argument("--out", default="runs/demo")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    cmd = command(args.model, args.tasks, args.limit or None, out, args.processes, args.model_args)
+    env = {**os.environ, **OFFLINE}
+    if args.processes > 1:
+        env.setdefault("ACCELERATE_USE_CPU", "true")
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+    print(f"\n{args.model} on {args.tasks} (limit {args.limit}); speed and accuracy measured in "
+          "the same run, the speedup against autoregressive decoding of the same requests:\n")
+    print(summary_table(newest_results(out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
