@@ -274,3 +274,73 @@ def test_begin_without_target_features_is_an_error() -> None:
     d.root()  # forwards the prompt's slots
     with pytest.raises(RuntimeError, match="commit"):
         d.root()  # nothing new was committed
+
+
+# ---------------------------------------------------------------------------- end to end
+
+E2E_TREES = [  # (builder, settings): MSD's default tree is dynamic (depth 5, top_k 10, 59 nodes)
+    ("chain", {"k": 4}),
+    ("dynamic", {"depth": 4, "top_k": 3, "total_tokens": 10}),
+    ("opt", {"nodes": 8, "threshold": 0.1, "max_depth": 4}),
+    ("static", {"acceptance": "0.6,0.3,0.1", "budget": 10, "max_depth": 4}),
+]
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def msd_references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
+    """Per family: every conftest prompt with the target's own greedy output (HF generate)."""
+    from conftest import PROMPT_SPECS
+
+    refs = {}
+    for family, adapters in tiny_adapters.items():
+        target = adapters["target"]
+        refs[family] = []
+        for text, images in PROMPT_SPECS:
+            prompt = target.prepare(text, images)
+            ids = prompt.input_ids[None]
+            out = target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        **prompt.model_kwargs, max_new_tokens=MAX_NEW,
+                                        do_sample=False, eos_token_id=list(target.eos_token_ids),
+                                        pad_token_id=target.tokenizer.pad_token_id)
+            refs[family].append((prompt, out[0, ids.shape[1]:].tolist()))
+    return refs
+
+
+@pytest.mark.parametrize("tree, settings", E2E_TREES, ids=[t for t, _ in E2E_TREES])
+def test_greedy_with_a_random_msd_head_equals_target_generate(tree: str, settings: dict, family: str,
+                                                             tiny_adapters, msd_references) -> None:
+    from lmms_sd.core.generate import GenerationConfig, generate
+    from lmms_sd.drafters.msd import qwen2_vl_rope_index
+    from lmms_sd.drafters.msd_format import new_msd_head
+    from lmms_sd.trees import make_builder
+
+    target = tiny_adapters[family]["target"]
+    torch.manual_seed(0)
+    head = new_msd_head(target.model)
+    rope_index = qwen2_vl_rope_index(target.model) if family == "qwen2_vl" else None
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
+    for prompt, reference in msd_references[family]:
+        drafter = MSDDrafter(head, rope_index=rope_index)
+        result = generate(target, prompt, cfg, drafter, make_builder(tree, **settings),
+                          decode=target.decode)
+        assert result.tokens == reference
+        assert result.stats.draft_forwards >= result.stats.decode_steps
+
+
+def test_rope_index_agrees_with_the_target_adapter(tiny_adapters) -> None:
+    # The drafter's M-RoPE prompt positions come from the same get_rope_index as the target's.
+    from conftest import PROMPT_SPECS
+    from lmms_sd.drafters.msd import qwen2_vl_rope_index
+
+    target = tiny_adapters["qwen2_vl"]["target"]
+    index = qwen2_vl_rope_index(target.model)
+    deltas = []
+    for text, images in PROMPT_SPECS:
+        prompt = target.prepare(text, images)
+        target.prefill(prompt)
+        positions, delta = index(prompt)
+        assert positions.shape == (3, len(prompt.input_ids))
+        assert delta == target.rope_delta
+        deltas.append(delta)
+    assert min(deltas) < 0 and max(deltas) == 0  # images shorten the positions, text does not

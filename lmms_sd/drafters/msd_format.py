@@ -248,6 +248,18 @@ def load_msd_head(source: str | Path, target: PreTrainedModel, *, check_embeddin
     return build_head(read_checkpoint(source), target, check_embeddings=check_embeddings, dtype=dtype)
 
 
+def new_msd_head(target: PreTrainedModel, *, num_layers: int = 1, fc_bias: bool = True) -> MSDHead:
+    """A freshly initialised head (PyTorch's default init, as EAGLE's) shaped like one layer of
+    ``target``'s language model and bound to its embed_tokens and lm_head: the start of training."""
+    text_config = target.config.get_text_config()
+    kind = "llava" if layer_kind(text_config) == "llama" else "qwen2_vl"
+    ckpt = MSDCheckpoint({"model_type": kind, "num_hidden_layers": num_layers}, {}, "a new head")
+    lm_head = target.get_output_embeddings()
+    head = MSDHead(head_config(ckpt, text_config), target.get_input_embeddings(), lm_head,
+                   fc_bias=fc_bias)
+    return head.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+
+
 def eagle_config(head: MSDHead) -> dict[str, Any]:
     """config.json for ``head`` in the layout MSD's and EAGLE's loaders read."""
     c = head.config
