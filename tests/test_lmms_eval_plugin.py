@@ -300,8 +300,49 @@ def test_text_only_draft_runs(tiny_paths: dict, family: str):
     assert model.generate_until(requests(True, GREEDY, n=1))[0].text
 
 
-@pytest.mark.parametrize("method, piece", [("MSD", "msd_head"), ("MSDCalibrated", "calibrat"),
-                                           ("Cascade", "cascade")])
-def test_unimplemented_methods_name_the_missing_piece(method: str, piece: str):
-    with pytest.raises(NotImplementedError, match=piece):
-        model_class("llava", method=method)(pretrained="/nowhere")
+def test_calibrated_method_names_the_missing_piece():
+    with pytest.raises(NotImplementedError, match="calibrat"):
+        model_class("llava", method="MSDCalibrated")(pretrained="/nowhere")
+
+
+# ---------------------------------------------------------------------------- other methods
+
+def records_of(model: Any, chat: bool, path: Path, n: int = 2) -> tuple[list, list[dict]]:
+    model.settings = dataclasses.replace(model.settings, stats_path=str(path))
+    out = model.generate_until(requests(chat, GREEDY, n=n))
+    return out, [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_msd_head_is_lossless(tiny_paths: dict, family: str, tmp_path: Path):
+    """A fresh (untrained) head: the point is the plumbing of target features and positions."""
+    from lmms_sd.adapters.loading import VLM_FAMILIES
+    from lmms_sd.drafters.msd_format import new_msd_head, save_msd_head
+
+    target = tiny_paths[family]["target"]
+    torch.manual_seed(0)
+    save_msd_head(new_msd_head(VLM_FAMILIES[family][0].from_pretrained(target)), tmp_path / "head")
+    model = make_model(family, chat=True, method="MSD", pretrained=target, draft=tmp_path / "head",
+                       baseline=True, **{"tree.depth": 3, "tree.top_k": 4, "tree.total_tokens": 8})
+    out, records = records_of(model, True, tmp_path / "s.jsonl")
+    assert all(r["text_match"] for r in records) and all(o.text for o in out)
+    assert all(r["stats"]["draft_forwards"] > 0 for r in records)
+
+
+def test_cascade_is_lossless_and_counts_its_reviews(tiny_paths: dict, noisy_drafts: dict,
+                                                     tmp_path: Path):
+    model = make_model("llava", method="Cascade", pretrained=tiny_paths["llava"]["target"],
+                       drafts=f"{noisy_drafts['llava']};mag", k_matrix="2 1;0 2", baseline=True)
+    out, records = records_of(model, False, tmp_path / "s.jsonl")
+    assert all(r["text_match"] for r in records)
+    assert all(len(r["cascade"]["reviews"]) == 2 for r in records)
+    assert sum(r["stats"]["accepted"] for r in records) > 0
+
+
+def test_cascade_settings_errors(tiny_paths: dict):
+    target = tiny_paths["llava"]["target"]
+    with pytest.raises(ValueError, match="k_matrix='2,1'"):
+        make_model("llava", method="Cascade", pretrained=target, drafts="mag", k_matrix="2,1")
+    with pytest.raises(ValueError, match="needs drafts="):
+        make_model("llava", method="Cascade", pretrained=target, k_matrix="2")
+    with pytest.raises(ValueError, match="'draft'"):
+        make_model("llava", method="Cascade", pretrained=target, draft="mag")

@@ -35,19 +35,17 @@ DTYPES = ("float32", "bfloat16", "float16")
 # ---------------------------------------------------------------------------- model_args
 
 @dataclass(frozen=True)
-class SDArgs:
-    """Settings shared by every speculative model class (``llava_sd``, ``qwen2_vl_msd``, ...).
+class CommonArgs:
+    """Settings of every speculative model class (``llava_sd``, ``qwen2_vl_msd``, ...).
 
     pretrained:      the target checkpoint (a directory saved with ``save_pretrained``).
-    draft:           the draft checkpoint: a small VLM / LM (``*_sd``) or a draft head (``*_msd``).
-    draft_text_only: hide the image from a VLM draft (a text-only LM draft never sees it).
     tree:            tree builder name (``lmms_sd.trees``); its settings go in ``tree.<key>=``.
     sd:              ``off`` decodes autoregressively through the very same wrapper.
     baseline:        also decode every request autoregressively and report the speedup and the
                      number of greedy text mismatches (a losslessness check).
     max_new_tokens:  used when a task's ``gen_kwargs`` set none.
     seed:            sampling seed; request ``doc_id`` is added so each request is reproducible.
-    dtype:           ``float32``, ``bfloat16`` or ``float16`` (target and draft).
+    dtype:           ``float32``, ``bfloat16`` or ``float16`` (target and drafts).
     attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``, ...).
     device:          ``cpu``, ``cuda``, ``cuda:1``; default: the process's GPU, else the CPU.
     stats_path:      per-sample JSONL of speed statistics; default: beside lmms-eval's results.
@@ -56,8 +54,6 @@ class SDArgs:
     """
 
     pretrained: str
-    draft: str | None = None
-    draft_text_only: bool = False
     tree: str = "chain"
     sd: bool = True
     baseline: bool = False
@@ -81,6 +77,55 @@ class SDArgs:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class SDArgs(CommonArgs):
+    """``*_sd``: a separate draft model.
+
+    draft:           the draft checkpoint: a small VLM of the target's family, or a text-only LM
+                     with the target's tokenizer.
+    draft_text_only: hide the image from a VLM draft (a text-only LM draft never sees it).
+    """
+
+    draft: str | None = None
+    draft_text_only: bool = False
+
+
+@dataclass(frozen=True)
+class MSDArgs(CommonArgs):
+    """``*_msd``: an MSD / EAGLE-2 draft head on the target's features.
+
+    draft:            the head: a folder (or hub id) in the published EAGLE/MSD layout.
+    tree:             default ``dynamic`` (EAGLE-2's tree, MSD's defaults).
+    positions:        ``target`` (the target's exact positions, M-RoPE included) or
+                      ``sequential`` (1-D positions, as MSD's Qwen2-VL head was trained).
+    check_embeddings: compare the head's stored embedding with the target's.
+    """
+
+    draft: str | None = None
+    tree: str = "dynamic"
+    positions: str = "target"
+    check_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class CascadeArgs(CommonArgs):
+    """``*_cascade``: CS Drafting's cascade of drafts.
+
+    drafts:    draft checkpoints from large to small, ``;``-separated; ``mag`` is the statistical
+               bottom draft (longest suffix match, then a bigram table).
+    k_matrix:  the n x n quotas, rows ``;``-separated, entries space-separated (``"4 2;0 3"``).
+    lenience:  L >= 1 for the reviews inside the cascade (the target's review stays exact).
+    bigram:    a bigram table file for ``mag`` (``lmms_sd.drafters.bigram``).
+    tree:      default ``cascade`` (the cascade's own chain); any builder name also works.
+    """
+
+    drafts: tuple[str, ...] = ()
+    k_matrix: str = ""
+    lenience: float = 1.0
+    bigram: str | None = None
+    tree: str = "cascade"
 
 
 def split_model_args(arg_string: str) -> dict[str, str]:

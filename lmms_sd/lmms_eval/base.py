@@ -30,8 +30,8 @@ from tqdm import tqdm
 from ..adapters import HFAdapter, load_adapter
 from ..core.generate import GenerationConfig, GenerationResult as CoreResult, generate
 from ..core.interfaces import Drafter, PromptInputs
-from ..trees import make_builder
-from .args import SDArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
+from ..trees import TreeBuilder, make_builder
+from .args import CommonArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
 
 Prompt = str | list[dict[str, Any]]  # a user text (images go first) or chat messages
@@ -39,12 +39,12 @@ Prompt = str | list[dict[str, Any]]  # a user text (images go first) or chat mes
 
 class SpeculativeLMM(lmms):
     """Base of ``<family>_<method>`` model classes. Subclasses set ``family`` (the checkpoint
-    family the target must be) and ``Args``, and implement ``make_drafter``; chat variants set
+    family the target must be) and ``Args`` and implement ``make_drafter``; chat variants set
     ``is_simple = False``."""
 
     is_simple: ClassVar[bool] = True
     family: ClassVar[str] = ""
-    Args: ClassVar[type[SDArgs]] = SDArgs
+    Args: ClassVar[type[CommonArgs]] = CommonArgs
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str,
@@ -56,7 +56,7 @@ class SpeculativeLMM(lmms):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         self.settings, tree_params = parse_model_args(self.Args, model_args)
-        self.builder = make_builder(self.settings.tree, **tree_params)  # validates early
+        self.builder = self.make_tree(tree_params)  # before loading anything: fail early
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self._device = _pick_device(self.settings.device, self.accelerator)
@@ -70,6 +70,13 @@ class SpeculativeLMM(lmms):
     # ------------------------------------------------------------------ method hooks
     def make_drafter(self) -> Drafter:
         raise NotImplementedError
+
+    def make_tree(self, params: dict[str, Any]) -> TreeBuilder:
+        return make_builder(self.settings.tree, **params)
+
+    def request_extras(self) -> dict[str, Any]:
+        """Method-specific statistics of the request just decoded, for its record."""
+        return {}
 
     def load(self, path: str) -> HFAdapter:
         """An adapter for the checkpoint at ``path`` on this process's device."""
@@ -115,7 +122,7 @@ class SpeculativeLMM(lmms):
         text, result = self._decode(prompt, cfg, self.drafter)                     # 4.
         record: Record = {"task": task, "doc_id": int(doc_id), "rank": self.rank,
                           "greedy": cfg.sampling.greedy, "stats": sample_stats(result),
-                          "baseline": None, "text_match": None}
+                          **self.request_extras(), "baseline": None, "text_match": None}
         if self.settings.baseline:                                                  # 5.
             base_text, base = self._decode(prompt, cfg, None)
             record["baseline"] = sample_stats(base)

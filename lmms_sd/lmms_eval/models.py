@@ -1,55 +1,115 @@
 """The named lmms-eval model classes: ``<family>_<method>``, each in a simple and a chat variant.
 
-method           drafter                                            status
-sd               a small draft VLM, or a text-only LM (draft_text_only=true)   wired
-msd              MSD / EAGLE-style draft head on target features    needs lmms_sd.drafters.msd_head
-msd_calibrated   MSD head + grouped isotonic calibrator + OPT-Tree  needs the MSD head + calibration
-cascade          CS-Drafting cascade of drafts down to n-gram       needs lmms_sd.drafters.cascade
+method          drafter (``draft=`` / ``drafts=``)                        settings
+sd              a small draft VLM, or a text-only LM sharing the tokenizer  ``args.SDArgs``
+msd             an MSD / EAGLE-2 draft head on the target's features         ``args.MSDArgs``
+msd_calibrated  the MSD head + grouped isotonic calibrator + OPT-Tree        not implemented yet
+cascade         CS Drafting's cascade of drafts down to MaG                  ``args.CascadeArgs``
 Every class accepts ``sd=off`` (the same wrapper, decoding autoregressively) and
-``baseline=true`` (both, in the same process); see ``args.SDArgs`` for all keys.
+``baseline=true`` (both, in the same process).
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ..adapters import check_same_vocab
 from ..core.interfaces import Drafter
+from ..drafters.bigram import BigramTable
+from ..drafters.cascade import CascadeBuilder, CascadeConfig, CascadeDrafter
 from ..drafters.model import ModelDrafter
+from ..drafters.msd import MSDConfig, MSDDrafter, qwen2_vl_rope_index
+from ..drafters.msd_format import load_msd_head
+from ..drafters.ngram import MaGDrafter
+from ..trees import TreeBuilder
+from .args import CascadeArgs, MSDArgs, SDArgs
 from .base import SpeculativeLMM
 
 
+def _need(value: Any, name: str, model: SpeculativeLMM) -> Any:
+    if not value:
+        raise ValueError(f"{type(model).__name__} needs {name}=... (or sd=off)")
+    return value
+
+
+def _model_drafter(lmm: SpeculativeLMM, path: str, text_only: bool = False) -> ModelDrafter:
+    """A draft model for ``lmm``'s target; a text-only LM never sees the image."""
+    draft = lmm.load(path)
+    check_same_vocab(lmm.target, draft)
+    return ModelDrafter(draft, text_only=text_only or draft.family == "causal_lm",
+                        vocab_size=lmm.target.vocab_size)
+
+
 class _ModelDraft(SpeculativeLMM):
-    """Classic speculative decoding with a separate draft model (``draft=<checkpoint>``): a
-    small VLM of the target's family, or a text-only LM sharing its tokenizer."""
+    """Classic speculative decoding with a separate draft model."""
+
+    Args = SDArgs
 
     def make_drafter(self) -> Drafter:
-        if self.settings.draft is None:
-            raise ValueError(f"{type(self).__name__} needs draft=<draft checkpoint> (or sd=off)")
-        draft = self.load(self.settings.draft)
-        check_same_vocab(self.target, draft)
-        text_only = self.settings.draft_text_only or draft.family == "causal_lm"
-        return ModelDrafter(draft, text_only=text_only, vocab_size=self.target.vocab_size)
+        return _model_drafter(self, _need(self.settings.draft, "draft", self),
+                              self.settings.draft_text_only)
 
 
-class _NotYet(SpeculativeLMM):
-    """A method whose drafter has not landed: construction fails naming the missing piece."""
+class _MSD(SpeculativeLMM):
+    """An MSD / EAGLE-2 head drafting from the target's own features."""
 
-    missing = ""
+    Args = MSDArgs
+
+    def make_drafter(self) -> Drafter:
+        s = self.settings
+        model = self.target.model
+        head = load_msd_head(_need(s.draft, "draft", self), model,
+                             check_embeddings=s.check_embeddings)
+        rope_index = qwen2_vl_rope_index(model) if self.family == "qwen2_vl" else None
+        return MSDDrafter(head, MSDConfig(positions=s.positions), rope_index)
+
+
+class _Cascade(SpeculativeLMM):
+    """CS Drafting: ``drafts`` from large to small, each reviewed by the ones below it."""
+
+    Args = CascadeArgs
+
+    def make_drafter(self) -> Drafter:
+        s = self.settings
+        drafts = [self._member(path) for path in _need(s.drafts, "drafts", self)]
+        return CascadeDrafter(drafts, CascadeConfig.of(parse_k_matrix(s.k_matrix), s.lenience))
+
+    def make_tree(self, params: dict[str, Any]) -> TreeBuilder:
+        if self.settings.tree != "cascade":
+            return super().make_tree(params)
+        if params:
+            raise ValueError(f"tree=cascade takes no settings, got {sorted(params)}")
+        return CascadeBuilder()
+
+    def request_extras(self) -> dict[str, Any]:
+        return {"cascade": asdict(self.drafter.counts())} if self.drafter is not None else {}
+
+    def _member(self, path: str) -> Drafter:
+        if path != "mag":
+            return _model_drafter(self, path)
+        table = BigramTable.load(Path(self.settings.bigram)) if self.settings.bigram else None
+        return MaGDrafter(self.target.vocab_size, table)
+
+
+def parse_k_matrix(text: str) -> list[list[int]]:
+    """``"4 2;0 3"`` -> ``[[4, 2], [0, 3]]``."""
+    try:
+        return [[int(v) for v in row.split()] for row in text.split(";") if row.strip()]
+    except ValueError:
+        raise ValueError(f"k_matrix={text!r}: rows separated by ';', integers by spaces, "
+                         f"e.g. '4 2;0 3'") from None
+
+
+class _MSDCalibrated(SpeculativeLMM):
+    """Not implemented yet: construction fails naming the missing piece."""
 
     def __init__(self, **model_args: Any) -> None:
-        raise NotImplementedError(f"{type(self).__name__}: {self.missing} is not implemented yet")
-
-
-class _MSD(_NotYet):
-    missing = "the MSD draft head (lmms_sd/drafters/msd_head.py)"
-
-
-class _MSDCalibrated(_NotYet):
-    missing = "the MSD draft head with the calibrated OPT-Tree (lmms_sd/calibration, lmms_sd/trees)"
-
-
-class _Cascade(_NotYet):
-    missing = "the cascade drafter (lmms_sd/drafters/cascade.py)"
+        raise NotImplementedError(
+            f"{type(self).__name__}: the calibrated OPT-Tree is not wired yet. It needs a "
+            "score_fn for lmms_sd.trees.opt.OptBuilder built on GroupedIsotonicCalibrator."
+            "predict_children (lmms_sd/calibration) with the MSD head's image attention per "
+            "draft node, and the train_ratio online fitting")
 
 
 class LlavaSD(_ModelDraft):
