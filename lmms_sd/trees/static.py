@@ -1,0 +1,128 @@
+"""A fixed tree shape (Sequoia): every step drafts the same shape, one level per expand call.
+
+The shape comes from a Sequoia growmap file or from Sequoia's dynamic programme over a measured
+acceptance vector (``sequoia_dp.py``). The children of a slot are its top-b draft tokens
+(deterministic, verified by the EAGLE-2 rule) or, in sampling mode with ``sample_children``,
+b tokens sampled without replacement from the processed draft distribution (verified by the
+Sequoia rule, which needs that distribution in ``draft_probs``). Sampled children stay in the
+order they were drawn: the Sequoia rule must visit them in that order.
+
+A slot gets at most as many children as its draft distribution has tokens of nonzero
+probability (after top-k / top-p): sampling without replacement cannot go further, and the
+shape's subtrees under the missing children are dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..core.interfaces import Drafter
+from ..core.sampling import SamplingConfig, logits_to_probs
+from ..core.tree import DraftTree
+from .growmap import TreeShape, load_growmap
+from .sequoia_dp import load_acceptance, sequoia_plan
+
+
+@dataclass(frozen=True)
+class StaticConfig:
+    """growmap: path of a Sequoia growmap (.pt). acceptance: a measured acceptance vector,
+    "p0,p1,..." or a Sequoia .pt file; without a growmap the shape is Sequoia's DP optimum for
+    ``budget`` draft nodes and depth ``max_depth``; with one it only sets the node scores.
+    sample_children: in sampling mode, sample children (True) or take the top-b (False)."""
+
+    growmap: str = ""
+    acceptance: str = ""
+    budget: int = 32
+    max_depth: int = 8
+    sample_children: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.growmap and not self.acceptance:
+            raise ValueError("static tree needs a shape: give growmap=<file.pt> or "
+                             "acceptance=<p0,p1,...|file.pt> (with budget and max_depth)")
+        if self.budget < 1 or self.max_depth < 1:
+            raise ValueError(f"static tree: budget and max_depth must be >= 1, got "
+                             f"{self.budget}, {self.max_depth}")
+
+
+@dataclass(frozen=True)
+class StaticBuilder:
+    """shape: the tree to draft. rank_accept: acceptance probability of the rank-r child; when
+    given, a node's score is its product along the path (Sequoia's model), else the draft
+    probability of the path."""
+
+    shape: TreeShape
+    rank_accept: tuple[float, ...] | None = None
+    sample_children: bool = True
+
+    @staticmethod
+    def from_config(cfg: StaticConfig) -> "StaticBuilder":
+        acc = load_acceptance(cfg.acceptance) if cfg.acceptance else None
+        if cfg.growmap:
+            shape = load_growmap(cfg.growmap)
+        else:
+            shape = sequoia_plan(acc, cfg.budget, cfg.max_depth).shape
+        return StaticBuilder(shape, acc, cfg.sample_children)
+
+    def __call__(self, drafter: Drafter, sampling: SamplingConfig,
+                 generator: torch.Generator | None = None) -> DraftTree:
+        sampled = self.sample_children and not sampling.greedy
+        kids = self.shape.children
+        dists = logits_to_probs(drafter.root(), sampling)[None]  # [1, V]
+        frontier = [(-1, -1, 1.0)]  # (shape node, tree node, path score) of slots to fill
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        rows: dict[int, Tensor] = {}  # tree slot -> draft distribution of its children
+        expanded: dict[int, int] = {-1: -1}  # tree node -> its index among expanded nodes
+        while True:
+            nxt = []
+            for (s, node, score), q in zip(frontier, dists):
+                picks = _children(q, len(kids[s + 1]), sampled, generator)
+                rows[node + 1] = q
+                for rank, (kid, tok) in enumerate(zip(kids[s + 1], picks)):
+                    tokens.append(tok)
+                    parents.append(node)
+                    scores.append(score * self._accept(rank, float(q[tok])))
+                    if kids[kid + 1]:
+                        nxt.append((kid, len(tokens) - 1, scores[-1]))
+            if not nxt:
+                break
+            for _, node, _ in nxt:
+                expanded[node] = len(expanded) - 1
+            dev = dists.device
+            logits = drafter.expand(torch.tensor([tokens[n] for _, n, _ in nxt], device=dev),
+                                    torch.tensor([expanded[parents[n]] for _, n, _ in nxt],
+                                                 device=dev))
+            dists = logits_to_probs(logits, sampling)  # [len(nxt), V]
+            frontier = nxt
+        return _tree(tokens, parents, scores, rows if sampled else None, dists.device)
+
+    def _accept(self, rank: int, draft_prob: float) -> float:
+        if self.rank_accept is None:
+            return draft_prob
+        return self.rank_accept[rank] if rank < len(self.rank_accept) else 0.0
+
+
+def _children(q: Tensor, b: int, sampled: bool, generator: torch.Generator | None) -> list[int]:
+    """b distinct tokens from q # [V]: drawn without replacement, or the top b."""
+    b = min(b, int((q > 0).sum()))
+    if sampled:
+        return torch.multinomial(q, b, replacement=False, generator=generator).tolist()
+    return torch.topk(q, b).indices.tolist()
+
+
+def _tree(tokens: list[int], parents: list[int], scores: list[float],
+          rows: dict[int, Tensor] | None, device: torch.device) -> DraftTree:
+    draft_probs = None
+    if rows is not None:
+        V = next(iter(rows.values())).shape[-1]
+        draft_probs = torch.zeros(len(tokens) + 1, V, device=device)
+        for slot, q in rows.items():
+            draft_probs[slot] = q
+    return DraftTree(torch.tensor(tokens, dtype=torch.long, device=device),
+                     torch.tensor(parents, dtype=torch.long, device=device),
+                     draft_probs=draft_probs, sampled=rows is not None,
+                     scores=torch.tensor(scores, device=device))
