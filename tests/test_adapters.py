@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from lmms_sd.adapters import (HFAdapter, Qwen2VLAdapter, check_same_vocab, extend_prompt,
                               load_adapter)
 from lmms_sd.core.generate import GenerationConfig, generate
 from lmms_sd.core.interfaces import ModelAdapter, PromptInputs
+from lmms_sd.core.kv import kv_crop, kv_keep
 from lmms_sd.core.tree import DraftTree
 from lmms_sd.testing.tiny import FAMILIES, ROLES, tiny_image
 
@@ -223,6 +225,23 @@ def test_generate_without_drafter_is_hf_greedy(target: HFAdapter,
         result = generate(target, prompt, cfg)
         assert result.tokens == hf_greedy(target, prompt, n)
         assert result.stats.target_forwards == len(result.tokens)
+
+
+def test_kv_keep_and_crop_select_positions() -> None:
+    # on a hand-built cache whose entries encode their position: keep = prefix + start + indices,
+    # crop = prefix, for every layer and both keys and values; a keep after a crop still works
+    cache = DynamicCache()
+    for layer in range(2):
+        pos = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 3)  # [B, H, S, D]
+        cache.update(pos + 100 * layer, -pos, layer)
+    kv_keep(cache, 3, torch.tensor([0, 2, 5]))
+    for i, layer in enumerate(cache.layers):
+        assert layer.keys[0, 1, :, 0].tolist() == [100 * i + p for p in (0, 1, 2, 3, 5, 8)]
+        assert layer.values[0, 0, :, 2].tolist() == [-p for p in (0, 1, 2, 3, 5, 8)]
+    kv_crop(cache, 4)
+    kv_keep(cache, 1, torch.tensor([2]))
+    assert cache.get_seq_length() == 2
+    assert cache.layers[1].keys[0, 0, :, 0].tolist() == [100.0, 103.0]
 
 
 # ---------------------------------------------------------------------------- errors

@@ -1,7 +1,8 @@
 """Edits of a Hugging Face ``DynamicCache`` after a verify (or draft) forward.
 
 Every layer holds keys/values of shape ``[B, H, S, D]``. Keeping the accepted path of a tree is
-an ``index_select`` along S on every layer (EAGLE's KV compaction); rolling back is a crop.
+an ``index_select`` along S on every layer, written back in place after the kept prefix (EAGLE's
+KV compaction); rolling back is a crop.
 Sliding-window layers keep extra bookkeeping and are refused rather than silently corrupted.
 """
 from __future__ import annotations
@@ -34,13 +35,16 @@ def kv_keep(cache: DynamicCache, start: int, indices: Tensor) -> None:
         raise ValueError(f"keep start {start} outside the cache of length {length}")
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= length - start):
         raise ValueError(f"keep indices {indices.tolist()} outside [0, {length - start})")
+    n = len(indices)
     for layer in _full_layers(cache):
         if layer.keys is None or not layer.is_initialized:
             continue
-        idx = torch.cat([torch.arange(start, device=layer.keys.device),
-                         start + indices.to(layer.keys.device)])
-        layer.keys = layer.keys.index_select(-2, idx)
-        layer.values = layer.values.index_select(-2, idx)
+        idx = start + indices.to(layer.keys.device)
+        # gather the kept entries, write them right after the prefix, then drop the tail
+        for name in ("keys", "values"):
+            full = getattr(layer, name)  # [B, H, S, D]
+            full[..., start:start + n, :] = full.index_select(-2, idx)
+            setattr(layer, name, full[..., :start + n, :])
 
 
 def kv_crop(cache: DynamicCache, length: int) -> None:
