@@ -14,7 +14,9 @@ import torch
 from lmms_sd.adapters import HFAdapter
 from lmms_sd.core.generate import GenerationConfig, generate
 from lmms_sd.core.interfaces import PromptInputs
+from lmms_sd.drafters.cascade import CascadeBuilder, CascadeConfig, CascadeDrafter
 from lmms_sd.drafters.model import ModelDrafter
+from lmms_sd.drafters.ngram import MaGDrafter
 from lmms_sd.testing.scripted import ScriptedDrafter
 from lmms_sd.trees import make_builder
 
@@ -47,6 +49,11 @@ ROWS = [
     Row("scripted:3", "opt", (("nodes", 6), ("threshold", 0.0), ("max_depth", 5))),
     Row("draft_vlm", "static", (("acceptance", "0.6,0.3,0.1"), ("budget", 10), ("max_depth", 4))),
     Row("scripted:1", "static", (("acceptance", "0.6,0.3"), ("budget", 8), ("max_depth", 5))),
+    Row("mag", "chain", (("k", 3),)),
+    Row("mag", "dynamic", (("depth", 3), ("top_k", 2), ("total_tokens", 6))),
+    Row("cascade:draft_vlm,mag:2,2;0,3:1", "cascade"),
+    Row("cascade:draft_vlm,text_only,mag:2,1,1;0,2,2;0,0,2:3", "cascade"),
+    Row("cascade:text_only,mag:3,1;0,2:2", "chain", (("k", 4),)),
 ]
 
 
@@ -73,9 +80,18 @@ def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]
 
 
 def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]):
+    """``kind``: draft_vlm | text_only | mag | scripted:<good> |
+    cascade:<draft,...>:<k_matrix rows ';'-separated>:<lenience>"""
     target = adapters["target"]
     if kind.startswith("scripted:"):
         return ScriptedDrafter(reference, int(kind.split(":")[1]), target.vocab_size)
+    if kind == "mag":
+        return MaGDrafter(target.vocab_size)
+    if kind.startswith("cascade:"):
+        _, names, rows, lenience = kind.split(":")
+        k_matrix = [[int(v) for v in row.split(",")] for row in rows.split(";")]
+        drafts = [make_drafter(n, adapters, reference) for n in names.split(",")]
+        return CascadeDrafter(drafts, CascadeConfig.of(k_matrix, float(lenience)))
     return ModelDrafter(adapters[kind], text_only=kind == "text_only",
                         vocab_size=target.vocab_size)
 
@@ -85,7 +101,7 @@ def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_a
     adapters = tiny_adapters[family]
     target = adapters["target"]
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
-    builder = make_builder(row.tree, **dict(row.params))
+    builder = CascadeBuilder() if row.tree == "cascade" else make_builder(row.tree, **dict(row.params))
     for prompt, reference in references[family]:
         drafter = make_drafter(row.drafter, adapters, reference)
         result = generate(target, prompt, cfg, drafter, builder, decode=target.decode)
