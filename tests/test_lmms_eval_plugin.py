@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +350,110 @@ def test_cascade_settings_errors(tiny_paths: dict):
         make_model("llava", method="Cascade", pretrained=target, k_matrix="2")
     with pytest.raises(ValueError, match="'draft'"):
         make_model("llava", method="Cascade", pretrained=target, draft="mag")
+
+
+# ---------------------------------------------------------------------------- the real CLI
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class CliRun:
+    results: dict          # the results JSON lmms-eval wrote
+    records: list[dict]    # our per-sample speed JSONL beside it
+    outputs: dict          # (task, doc_id) -> the model's answer, from lmms-eval's samples
+
+
+def run_cli(out: Path, model: str, model_args: str, tasks: str, limit: int,
+            processes: int = 1, launcher: tuple[str, ...] = ("-m", "lmms_eval")) -> CliRun:
+    """Run lmms-eval on the shapes tasks and read back what it wrote. lmms-eval exits 0 on
+    many errors: the files, not the exit code, are the proof."""
+    from lmms_sd.lmms_eval import tasks_dir
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [*launcher, "--model", model, "--model_args", model_args, "--tasks", tasks,
+            "--limit", str(limit), "--gen_kwargs", "max_new_tokens=24", "--log_samples",
+            "--output_path", str(out), "--verbosity", "DEBUG"]
+    if launcher[:2] == ("-m", "lmms_eval"):
+        args += ["--include_path", str(tasks_dir())]
+    cmd = [sys.executable, *args]
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), *args]
+    proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True,
+                          timeout=1200)
+    log = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+    results_files = list(out.glob("*/*_results.json"))
+    assert len(results_files) == 1, f"expected one results file in {out}\n{log}"
+    results_file = results_files[0]
+    date = results_file.name.removesuffix("_results.json")
+    speed = results_file.with_name(f"{date}_speed.jsonl")
+    outputs = {}
+    for samples in results_file.parent.glob(f"{date}_samples_*.jsonl"):
+        task = samples.stem.removeprefix(f"{date}_samples_")
+        for line in samples.read_text().splitlines():
+            s = json.loads(line)
+            outputs[task, s["doc_id"]] = s["filtered_resps"]
+    return CliRun(json.loads(results_file.read_text()),
+                  [json.loads(line) for line in speed.read_text().splitlines()], outputs)
+
+
+@pytest.fixture(scope="module")
+def cli_sd(tiny_paths: dict, noisy_drafts: dict, tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    args = f"pretrained={tiny_paths['llava']['target']},draft={noisy_drafts['llava']},baseline=true"
+    return run_cli(tmp_path_factory.mktemp("cli_sd") / "out", "llava_sd", args,
+                   "shapes_caption", limit=4)
+
+
+@pytest.mark.slow
+def test_cli_reports_accuracy_and_consistent_speed(cli_sd: CliRun):
+    acc = cli_sd.results["results"]["shapes_caption"]["content_acc,none"]
+    assert 0.0 <= acc <= 1.0
+    records, throughput = cli_sd.records, cli_sd.results["throughput"]
+    assert sorted(r["doc_id"] for r in records) == [0, 1, 2, 3]
+    assert all(r["task"] == "shapes_caption" and r["text_match"] for r in records)
+    expected = summarize(records)
+    assert throughput["total_gen_tokens"] == expected["new_tokens"]
+    assert throughput["avg_requests"] == 4 and throughput["avg_mismatches"] == 0
+    for key in ("tau", "acceptance_rate", "speedup", "target_forwards_per_token"):
+        assert throughput[f"avg_{key}"] == pytest.approx(expected[key]), key
+        assert throughput[f"avg_shapes_caption/{key}"] == pytest.approx(expected[key]), key
+    assert 1 < throughput["avg_tau"], "the noisy draft should get some tokens accepted"
+    assert cli_sd.results["config"]["model_backend"].endswith("LlavaSDChat (chat)")
+
+
+@pytest.mark.slow
+def test_cli_outputs_equal_an_sd_off_run(cli_sd: CliRun, tiny_paths: dict,
+                                         tmp_path_factory: pytest.TempPathFactory):
+    """The sd=off run goes through ``eval_main``, which adds lmms_sd's tasks itself."""
+    off = run_cli(tmp_path_factory.mktemp("cli_off") / "out", "llava_sd",
+                  f"pretrained={tiny_paths['llava']['target']},sd=off", "shapes_caption", limit=4,
+                  launcher=("-c", "import lmms_sd.lmms_eval as m; m.eval_main()"))
+    assert len(cli_sd.outputs) == 4 and off.outputs == cli_sd.outputs
+    assert off.results["throughput"]["avg_tau"] == 1.0
+    assert "avg_acceptance_rate" not in off.results["throughput"]
+
+
+@pytest.mark.slow
+def test_cli_two_processes_gather_every_doc(tiny_paths: dict, noisy_drafts: dict,
+                                            tmp_path_factory: pytest.TempPathFactory):
+    """3 docs per task over 2 ranks: the evaluator pads rank 1 with duplicates, which must
+    neither be decoded nor counted; rank 0 reports everyone's records once."""
+    args = f"pretrained={tiny_paths['qwen2_vl']['target']},draft={noisy_drafts['qwen2_vl']}"
+    run = run_cli(tmp_path_factory.mktemp("cli_2p") / "out", "qwen2_vl_sd", args, "shapes",
+                  limit=3, processes=2)
+    keys = [(r["task"], r["doc_id"]) for r in run.records]
+    want = {(t, i) for t in ("shapes_caption", "shapes_qa") for i in range(3)}
+    assert len(keys) == len(set(keys)) and set(keys) == want
+    assert {r["rank"] for r in run.records} == {0, 1}
+    assert run.results["throughput"]["avg_requests"] == 6
+    assert run.results["throughput"]["total_gen_tokens"] == sum(
+        r["stats"]["new_tokens"] for r in run.records)
+    assert set(run.outputs) == want
+    assert {"shapes_caption", "shapes_qa"} <= set(run.results["results"])
