@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, PreTrainedModel, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 from lmms_sd.drafters import msd_format
 from lmms_sd.drafters.msd_format import load_msd_head, save_msd_head
@@ -20,9 +26,9 @@ SECTION = [2, 1, 1]  # head_dim 8 -> 4 rotary frequencies
 
 def tiny_target(kind: str) -> PreTrainedModel:
     torch.manual_seed(0)
-    text = dict(hidden_size=H, intermediate_size=INTER, num_hidden_layers=1,
-                num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text = {"hidden_size": H, "intermediate_size": INTER, "num_hidden_layers": 1,
+            "num_attention_heads": HEADS, "num_key_value_heads": KV, "vocab_size": V,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     if kind == "llama":
         vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, image_size=16, patch_size=8)

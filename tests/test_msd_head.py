@@ -13,7 +13,7 @@ from lmms_sd.drafters.msd import MSDConfig, MSDDrafter
 from lmms_sd.drafters.msd_head import MSDHead
 
 V, H = 40, 32
-IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, vocab_size=V)
+IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "vocab_size": V}
 
 
 def make_head(kind: str, seed: int = 0, vocab_limit: int | None = None) -> MSDHead:
@@ -202,7 +202,7 @@ def test_commit_recomputes_accepted_slots_from_target_features() -> None:
 
 def test_image_slots_read_the_visual_embedding_not_the_feature() -> None:
     head = make_head("llama")
-    _, base, pre = started(head)
+    base = started(head)[1]
 
     def root_after(edit) -> Tensor:
         prompt, p2 = prompt_and_prefill()
@@ -259,7 +259,7 @@ def test_sequential_positions_need_no_rope_index_and_target_positions_do() -> No
     head = make_head("qwen2_vl")
     with pytest.raises(ValueError, match="rope index"):
         MSDDrafter(head)
-    d, got, pre = started(head, cfg=MSDConfig(positions="sequential"))
+    _, got, pre = started(head, cfg=MSDConfig(positions="sequential"))
     assert torch.allclose(got, reference_logits(head, [5], pre.hidden[-1:], pre), atol=1e-4)
     with pytest.raises(ValueError, match="positions"):
         MSDConfig(positions="absolute")
@@ -331,6 +331,7 @@ def test_greedy_with_a_random_msd_head_equals_target_generate(tree: str, setting
 def test_rope_index_agrees_with_the_target_adapter(tiny_adapters) -> None:
     # The drafter's M-RoPE prompt positions come from the same get_rope_index as the target's.
     from conftest import PROMPT_SPECS
+
     from lmms_sd.drafters.msd import qwen2_vl_rope_index
 
     target = tiny_adapters["qwen2_vl"]["target"]

@@ -20,8 +20,8 @@ trained and run (1-D positions). The draft positions never affect losslessness, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -77,7 +77,7 @@ class MSDDrafter:
         self.name = cfg.name
         self.forwards = 0
         self._cache = head.new_cache()
-        self._committed = 0                     # cached slots of committed tokens (slot p at index p-1)
+        self._committed = 0                     # cached committed slots; slot p at index p-1
         self._pending: list[Tensor] = []       # queued slot inputs, each # [k, H]
         self._prompt_pos: Tensor | None = None  # [3, T] the target's M-RoPE prompt positions
         self._delta = 0
@@ -97,7 +97,9 @@ class MSDDrafter:
         if feats.shape[0] != len(ids) or embeds.shape != feats.shape:
             raise ValueError(f"prefill hidden {tuple(feats.shape)} and inputs_embeds "
                              f"{tuple(embeds.shape)} must both be [{len(ids)}, H]")
-        image = prompt.image_mask if prompt.image_mask is not None else torch.zeros_like(ids, dtype=torch.bool)
+        image = prompt.image_mask
+        if image is None:
+            image = torch.zeros_like(ids, dtype=torch.bool)
         self._cache = self.head.new_cache()
         self._committed = 0
         self._reset_tree()
@@ -143,7 +145,8 @@ class MSDDrafter:
         for i, p in enumerate(parents.tolist()):
             self._ancestors.append((self._ancestors[p] if p >= 0 else []) + [n0 + i])
             self._depths.append(self._depths[p] + 1 if p >= 0 else 1)
-        parent_g = torch.stack([self._root_g if p < 0 else self._node_g[p] for p in parents.tolist()])
+        parent_g = torch.stack([self._root_g if p < 0 else self._node_g[p]
+                                for p in parents.tolist()])  # [m, H]
         dev = parent_g.device
         mask = torch.zeros(m, c + n0 + m, dtype=torch.bool, device=dev)
         mask[:, :c] = True

@@ -6,7 +6,8 @@ What the published format is (read from the sources, 2025-05 snapshot of Lyn-Luc
   https://github.com/Lyn-Lucy/MSD/blob/main/EAGLE/eagle/model/ea_llama_model.py (Llama layer)
   https://github.com/Lyn-Lucy/MSD/blob/main/EAGLE/eagle/model/ea_qwen2vl_model.py (Qwen2-VL layer)
   https://github.com/Lyn-Lucy/MSD/blob/main/EAGLE/eagle/train/main_deepspeed.py (training, saving)
-  https://github.com/Lyn-Lucy/MSD/blob/main/EAGLE/eagle/train/llava_v15_7B_config.json (+13B, qwen2vl)
+  https://github.com/Lyn-Lucy/MSD/blob/main/EAGLE/eagle/train/llava_v15_7B_config.json
+  (and llava_v15_13B_config.json, qwen2vl_config.json beside it)
   https://github.com/Lyn-Lucy/MSD/blob/main/EAGLE/eagle/ge_data/ge_data_all_llava15.py (+ _qwen2vl)
   https://github.com/SafeAILab/EAGLE/blob/main/eagle/model/ea_model.py, eagle/train/main.py
 The Hugging Face repos lucylyn/MSD-LLaVA1.5-7B, -13B and MSD-Qwen2VL-7B-Instruct could not be read
@@ -78,7 +79,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .msd_head import MSDHead, layer_kind
 
@@ -87,7 +88,8 @@ WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")  # the order EAGLE's l
 # checkpoint ``model_type`` -> layer kind ("llava" and "qwen2_vl" are MSD's; "llama" is EAGLE's)
 CHECKPOINT_KINDS = {"llava": "llama", "llama": "llama", "qwen2_vl": "qwen2_vl"}
 WRITTEN_MODEL_TYPE = {"llama": "llava", "qwen2_vl": "qwen2_vl"}
-WRITTEN_ARCHITECTURE = {"llama": "LlavaLlamaForCausalLM", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+WRITTEN_ARCHITECTURE = {"llama": "LlavaLlamaForCausalLM",
+                        "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 EMBED_KEY = "embed_tokens.weight"
 EMBED_TOLERANCE = 1e-2  # relative to the largest |weight|: survives bf16/fp16 storage only
 
@@ -200,11 +202,14 @@ def _check_embeddings(ckpt: MSDCheckpoint, target_embed: Tensor) -> None:  # tar
                          f"({rows}, {target_embed.shape[1]})")
     target_embed = target_embed[:rows]
     scale = float(target_embed.abs().max())
-    worst = max(float((stored[i:i + 4096].float() - target_embed[i:i + 4096].float().cpu()).abs().max())
-                for i in range(0, rows, 4096))  # in row blocks: a 7B embedding is 0.5 GB in fp32
+    worst = 0.0
+    for i in range(0, rows, 4096):  # in row blocks: a 7B embedding is 0.5 GB in fp32
+        block = stored[i:i + 4096].float() - target_embed[i:i + 4096].float().cpu()
+        worst = max(worst, float(block.abs().max()))
     if worst > EMBED_TOLERANCE * scale:
         raise ValueError(f"{ckpt.source}: its {EMBED_KEY} differ from the target's (max |diff| "
-                         f"{worst:.3g}, max |w| {scale:.3g}): the head was trained for another target")
+                         f"{worst:.3g}, max |w| {scale:.3g}): the head was trained for another "
+                         "target")
 
 
 def _check_keys(ckpt: MSDCheckpoint, head: MSDHead, weights: dict[str, Tensor]) -> None:
@@ -245,7 +250,8 @@ def load_msd_head(source: str | Path, target: PreTrainedModel, *, check_embeddin
                   dtype: torch.dtype | None = None) -> MSDHead:
     """Load a head from a local folder or a hub repo id and bind it to ``target`` (an HF
     LLaVA or Qwen2-VL model). Raises a ValueError naming the mismatch when it does not fit."""
-    return build_head(read_checkpoint(source), target, check_embeddings=check_embeddings, dtype=dtype)
+    return build_head(read_checkpoint(source), target, check_embeddings=check_embeddings,
+                      dtype=dtype)
 
 
 def new_msd_head(target: PreTrainedModel, *, num_layers: int = 1, fc_bias: bool = True) -> MSDHead:
@@ -284,7 +290,8 @@ def eagle_config(head: MSDHead) -> dict[str, Any]:
     return out
 
 
-def save_msd_head(head: MSDHead, folder: str | Path, *, weights_file: str = WEIGHT_FILES[0]) -> Path:
+def save_msd_head(head: MSDHead, folder: str | Path, *,
+                  weights_file: str = WEIGHT_FILES[0]) -> Path:
     """Write ``config.json`` + ``weights_file`` (pytorch_model.bin or model.safetensors) with
     fc, layers and the target's embed_tokens rows, exactly as the published heads are laid out."""
     if weights_file not in WEIGHT_FILES:

@@ -25,11 +25,17 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, PretrainedConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-from transformers.models.qwen2_vl.modeling_qwen2_vl import (Qwen2VLDecoderLayer,
-                                                            Qwen2VLRotaryEmbedding)
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRotaryEmbedding,
+)
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VLDecoderLayer,
+    Qwen2VLRotaryEmbedding,
+)
 
 # language-model ``model_type`` -> the head's layer kind
 LAYER_KINDS = {"llama": "llama", "qwen2_vl": "qwen2_vl", "qwen2_vl_text": "qwen2_vl"}
@@ -74,6 +80,8 @@ class MSDHead(nn.Module):
                  *, fc_bias: bool = True, vocab_limit: int | None = None):
         super().__init__()
         hidden = config.hidden_size
+        if getattr(lm_head, "bias", None) is not None:
+            raise ValueError("MSD heads assume a target lm_head without bias")
         for name, weight in (("embed_tokens", embed_tokens.weight), ("lm_head", lm_head.weight)):
             if weight.shape[-1] != hidden:
                 raise ValueError(f"target {name} has width {weight.shape[-1]}, head hidden_size "
@@ -109,7 +117,8 @@ class MSDHead(nn.Module):
         is_visual: # [B, Q] bool, True at image positions
         returns    # [B, Q, H]
         """
-        embeds = self.target.embed_tokens(tokens).to(self.fc.weight.dtype)
+        table = self.target.embed_tokens.weight.detach()  # frozen, like the lm_head
+        embeds = F.embedding(tokens, table).to(self.fc.weight.dtype)
         u = self.fc(torch.cat([embeds, features.to(self.fc.weight.dtype)], dim=-1))
         if is_visual is not None and bool(is_visual.any()):
             u = torch.where(is_visual[..., None], visual.to(u.dtype), u)
@@ -134,7 +143,8 @@ class MSDHead(nn.Module):
         return hidden
 
     def logits(self, features: Tensor) -> Tensor:  # [..., H] -> [..., V]
-        out = self.target.lm_head(features.to(self.target.lm_head.weight.dtype))
+        weight = self.target.lm_head.weight.detach()  # frozen: no gradient reaches the target
+        out = F.linear(features.to(weight.dtype), weight)
         if self.vocab_limit is not None:
             out = out.clone()
             out[..., self.vocab_limit:] = float("-inf")

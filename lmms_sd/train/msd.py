@@ -1,0 +1,202 @@
+"""Train an MSD head on a target VLM: teacher forcing on the target's own features.
+
+Per batch: one no-grad target forward captures, from the language model inside the VLM, its
+input embeddings e (images merged in), its position ids and its output features f (last hidden
+state after the final norm). The head then runs over slots 1..T-1 (see ``drafters/msd_head``):
+text slots get ``fc([embed(x_p) ; f_{p-1} + noise])``, image slots e_p. On the slots whose next
+token is an answer token the loss is MSD's (EAGLE's):
+
+  feature_weight * SmoothL1(g_p, f_p)
+    + token_weight * CE(softmax(lm_head f_p), log_softmax(lm_head g_p))
+
+MSD's recipe (main_deepspeed.py): weights 1.0 / 0.1, uniform noise 0.2 on the input features,
+AdamW lr 5e-5, betas (0.9, 0.95), warmup 2000 steps, 40 epochs, gradient clip 0.5, a curriculum
+from text-only data to multimodal data. Here the data are shapes items (always multimodal) and
+the optimiser is the shared loop's; the noise is uniform in [-noise/2, noise/2] (EAGLE further
+scales it by 512 / sequence length).
+
+    python -m lmms_sd.train.msd --target lmms_sd/assets/shapes/llava/target \
+        --out lmms_sd/assets/shapes/llava/msd --steps 300
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from ..core.generate import GenerationConfig, generate
+from ..drafters.msd import POSITION_SCHEMES, MSDConfig, MSDDrafter, qwen2_vl_rope_index
+from ..drafters.msd_format import new_msd_head, save_msd_head
+from ..drafters.msd_head import MSDHead
+from ..trees import make_builder
+from .data import Batch, ShapesCollator
+from .loop import OptimConfig, run_training, train_items
+
+
+@dataclass(frozen=True)
+class MSDTrainConfig:
+    feature_weight: float = 1.0   # MSD's v_w
+    token_weight: float = 0.1     # MSD's p_w
+    noise: float = 0.2            # width of the uniform noise on input features
+    positions: str = "target"     # head positions: the target's (M-RoPE) or sequential
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"positions must be one of {POSITION_SCHEMES}, got {self.positions!r}")
+        if min(self.feature_weight, self.token_weight, self.noise) < 0:
+            raise ValueError(f"loss weights and noise must be >= 0, got {self}")
+
+
+@dataclass
+class TargetPass:
+    """What the head learns from, captured inside the target's language model.
+
+    features:  # [B, T, H] last hidden state after the final norm
+    embeds:    # [B, T, H] input embeddings, projected visual embeddings at image tokens
+    positions: # [B, T] or [3, B, T] (Qwen2-VL M-RoPE) position ids
+    """
+
+    features: Tensor
+    embeds: Tensor
+    positions: Tensor
+
+
+@contextmanager
+def _capture_language_model(target: PreTrainedModel) -> Iterator[dict[str, Tensor]]:
+    seen: dict[str, Tensor] = {}
+
+    def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        seen.update(embeds=kwargs["inputs_embeds"], positions=kwargs.get("position_ids"),
+                    features=output.last_hidden_state)
+
+    handle = target.model.language_model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def target_pass(target: PreTrainedModel, batch: Batch) -> TargetPass:
+    with _capture_language_model(target) as seen:
+        target.model(**batch.model_inputs())
+    positions = seen["positions"]
+    if positions is None:  # LLaVA lets its Llama count 0..T-1
+        b, t = batch.input_ids.shape
+        positions = torch.arange(t, device=batch.input_ids.device).expand(b, -1)
+    return TargetPass(seen["features"], seen["embeds"], positions)
+
+
+def head_loss(head: MSDHead, batch: Batch, tp: TargetPass, cfg: MSDTrainConfig,
+              image_token_id: int, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    """MSD's loss on the answer slots of ``batch``; also returns detached parts and accuracy."""
+    ids = batch.input_ids  # [B, T]
+    prev = tp.features[:, :-1]  # f_{p-1} for slots p = 1..T-1
+    noise = (torch.rand(prev.shape, generator=generator, device=prev.device) - 0.5) * cfg.noise
+    u = head.fuse(ids[:, 1:], prev + noise.to(prev.dtype), tp.embeds[:, 1:],
+                  ids[:, 1:] == image_token_id)
+    t = u.shape[1]
+    if cfg.positions == "target":
+        positions = tp.positions[..., 1:]
+    else:
+        positions = torch.arange(1, t + 1, device=ids.device).expand(ids.shape[0], -1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril().expand(len(ids), -1, -1)
+    g = head(u, positions, causal)  # [B, T-1, H]
+    answer = batch.answer_mask()[:, 1:]  # slot p scores x_{p+1}
+    pred, want = g[answer].float(), tp.features[:, 1:][answer].float()  # [N, H]
+    feature_loss = F.smooth_l1_loss(pred, want)
+    with torch.no_grad():
+        target_logits = head.logits(want)
+    draft_logits = head.logits(pred)
+    token_loss = -(target_logits.softmax(-1) * draft_logits.float().log_softmax(-1)).sum(-1).mean()
+    loss = cfg.feature_weight * feature_loss + cfg.token_weight * token_loss
+    top1 = (draft_logits.argmax(-1) == target_logits.argmax(-1)).float().mean()
+    return loss, {"feature_loss": float(feature_loss.detach()),
+                  "token_loss": float(token_loss.detach()), "top1": float(top1)}
+
+
+def train_msd_head(head: MSDHead, target: PreTrainedModel, processor: Any, optim: OptimConfig,
+                   cfg: MSDTrainConfig = MSDTrainConfig()) -> dict:
+    """Train ``head`` in place on shapes answers under ``target``; return the record."""
+    collate = ShapesCollator(processor)
+    image_token_id = target.config.image_token_id
+    target.eval()
+    generator = torch.Generator().manual_seed(optim.seed)
+    last: dict = {}
+
+    def batch_at(step: int) -> Batch:
+        return collate(train_items(step, optim.batch_size, optim.seed))
+
+    def loss_fn(batch: Batch) -> Tensor:
+        loss, parts = head_loss(head, batch, target_pass(target, batch), cfg, image_token_id,
+                                generator)
+        last.update(parts)
+        return loss
+
+    record = run_training(head, loss_fn, batch_at, optim, desc="msd_head")
+    return {**record, "msd": asdict(cfg), "last_batch": dict(last)}
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def measure_tau(target_adapter: Any, head: MSDHead, prompts: Sequence[Any], tree: str = "chain",
+                max_new_tokens: int = 64, positions: str = "target", **tree_settings: Any) -> dict:
+    """Greedy speculative decoding with the head on ``prompts`` (PromptInputs); raises if any
+    output differs from the target's own greedy output."""
+    rope = qwen2_vl_rope_index(target_adapter.model) if head.kind == "qwen2_vl" else None
+    drafter = MSDDrafter(head, MSDConfig(positions=positions), rope_index=rope)
+    builder = make_builder(tree, **tree_settings)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens,
+                           eos_token_ids=target_adapter.eos_token_ids)
+    steps = emitted = accepted = 0
+    for prompt in prompts:
+        plain = generate(target_adapter, prompt, cfg).tokens
+        res = generate(target_adapter, prompt, cfg, drafter, builder)
+        if res.tokens != plain:
+            raise AssertionError(f"MSD output differs from greedy: {res.tokens} vs {plain}")
+        steps += res.stats.decode_steps
+        emitted += sum(s.accepted + 1 for s in res.stats.steps)
+        accepted += sum(s.accepted for s in res.stats.steps)
+    return {"tree": tree, **tree_settings, "tau": emitted / max(steps, 1),
+            "accepted_per_step": accepted / max(steps, 1), "n_prompts": len(prompts)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from ..adapters.loading import load_adapter
+    from .evaluate import eval_items
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", required=True, help="a saved target VLM (LLaVA or Qwen2-VL)")
+    ap.add_argument("--out", required=True, help="folder for the head (EAGLE/MSD layout)")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--positions", default="target", choices=POSITION_SCHEMES)
+    ap.add_argument("--eval-items", type=int, default=16)
+    args = ap.parse_args(argv)
+    adapter = load_adapter(args.target)
+    torch.manual_seed(0)
+    head = new_msd_head(adapter.model)
+    optim = OptimConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        warmup_steps=min(30, args.steps - 1))
+    record = train_msd_head(head, adapter.model, adapter.processor, optim,
+                            MSDTrainConfig(positions=args.positions))
+    save_msd_head(head, args.out)
+    items = eval_items(args.eval_items // 2, args.eval_items - args.eval_items // 2)
+    prompts = [adapter.prepare(it.question, [it.image]) for it in items]
+    record["eval"] = measure_tau(adapter, head, prompts, "chain", positions=args.positions, k=6)
+    (Path(args.out) / "train_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["eval"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
