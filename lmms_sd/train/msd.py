@@ -130,11 +130,14 @@ def train_msd_head(head: MSDHead, target: PreTrainedModel, processor: Any, optim
     collate = ShapesCollator(processor)
     image_token_id = target.config.image_token_id
     target.eval()
-    generator = torch.Generator().manual_seed(optim.seed)
+    device = target.get_output_embeddings().weight.device
+    generator = torch.Generator(device).manual_seed(optim.seed)
     last: dict = {}
 
     def batch_at(step: int) -> Batch:
-        return collate(train_items(step, optim.batch_size, optim.seed))
+        batch = collate(train_items(step, optim.batch_size, optim.seed))
+        return Batch(batch.input_ids.to(device), batch.attention_mask.to(device),
+                     batch.labels.to(device), {k: v.to(device) for k, v in batch.vision.items()})
 
     def loss_fn(batch: Batch) -> Tensor:
         loss, parts = head_loss(head, batch, target_pass(target, batch), cfg, image_token_id,
