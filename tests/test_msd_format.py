@@ -275,3 +275,17 @@ def test_save_rejects_unknown_weight_file_names(targets, tmp_path: Path) -> None
         save_msd_head(head, tmp_path / "out", weights_file="weights.pt")
     save_msd_head(head, tmp_path / "st", weights_file="model.safetensors")
     assert torch.equal(load_msd_head(tmp_path / "st", target).fc.weight, head.fc.weight)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2_vl"])
+def test_a_new_head_has_the_shape_of_one_target_layer(kind: str, targets) -> None:
+    from lmms_sd.drafters.msd_format import new_msd_head
+
+    target = targets[kind]
+    head = new_msd_head(target)
+    text = target.config.get_text_config()
+    for field in ("hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "rms_norm_eps"):
+        assert getattr(head.config, field) == getattr(text, field), field
+    assert head.config.num_hidden_layers == 1 and head.vocab_limit is None
+    assert head.config.rope_parameters == text.rope_parameters

@@ -259,7 +259,10 @@ def new_msd_head(target: PreTrainedModel, *, num_layers: int = 1, fc_bias: bool 
     ``target``'s language model and bound to its embed_tokens and lm_head: the start of training."""
     text_config = target.config.get_text_config()
     kind = "llava" if layer_kind(text_config) == "llama" else "qwen2_vl"
-    ckpt = MSDCheckpoint({"model_type": kind, "num_hidden_layers": num_layers}, {}, "a new head")
+    shape = {k: getattr(text_config, k) for k in ("hidden_size", "intermediate_size",
+             "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "hidden_act")}
+    ckpt = MSDCheckpoint({"model_type": kind, "num_hidden_layers": num_layers, **shape}, {},
+                         "a new head")
     lm_head = target.get_output_embeddings()
     head = MSDHead(head_config(ckpt, text_config), target.get_input_embeddings(), lm_head,
                    fc_bias=fc_bias)
