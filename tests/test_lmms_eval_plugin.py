@@ -304,11 +304,6 @@ def test_text_only_draft_runs(tiny_paths: dict, family: str):
     assert model.generate_until(requests(True, GREEDY, n=1))[0].text
 
 
-def test_calibrated_method_names_the_missing_piece():
-    with pytest.raises(NotImplementedError, match="calibrat"):
-        model_class("llava", method="MSDCalibrated")(pretrained="/nowhere")
-
-
 # ---------------------------------------------------------------------------- other methods
 
 def records_of(model: Any, chat: bool, path: Path, n: int = 2) -> tuple[list, list[dict]]:
@@ -317,19 +312,55 @@ def records_of(model: Any, chat: bool, path: Path, n: int = 2) -> tuple[list, li
     return out, [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_msd_head_is_lossless(tiny_paths: dict, family: str, tmp_path: Path):
-    """A fresh (untrained) head: the point is the plumbing of target features and positions."""
+@pytest.fixture(scope="module")
+def msd_heads(tiny_paths: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per family, a fresh (untrained) MSD head saved in the published layout."""
     from lmms_sd.adapters.loading import VLM_FAMILIES
     from lmms_sd.drafters.msd_format import new_msd_head, save_msd_head
 
-    target = tiny_paths[family]["target"]
+    root = tmp_path_factory.mktemp("msd_heads")
     torch.manual_seed(0)
-    save_msd_head(new_msd_head(VLM_FAMILIES[family][0].from_pretrained(target)), tmp_path / "head")
-    model = make_model(family, chat=True, method="MSD", pretrained=target, draft=tmp_path / "head",
-                       baseline=True, **{"tree.depth": 3, "tree.top_k": 4, "tree.total_tokens": 8})
+    return {f: save_msd_head(new_msd_head(VLM_FAMILIES[f][0].from_pretrained(p["target"])),
+                             root / f) for f, p in tiny_paths.items()}
+
+
+def test_msd_head_is_lossless(tiny_paths: dict, msd_heads: dict, family: str, tmp_path: Path):
+    """The point is the plumbing of target features and positions, not the head's quality."""
+    model = make_model(family, chat=True, method="MSD", pretrained=tiny_paths[family]["target"],
+                       draft=msd_heads[family], baseline=True,
+                       **{"tree.depth": 3, "tree.top_k": 4, "tree.total_tokens": 8})
     out, records = records_of(model, True, tmp_path / "s.jsonl")
     assert all(r["text_match"] for r in records) and all(o.text for o in out)
     assert all(r["stats"]["draft_forwards"] > 0 for r in records)
+
+
+def test_calibrated_msd_measures_only_after_calibration(tiny_paths: dict, msd_heads: dict,
+                                                       tmp_path: Path):
+    """train_ratio 0.5 of 2 requests: the first collects traces (not measured, no baseline),
+    the second is decoded with the fitted calibrator and measured."""
+    from lmms_eval.models.model_utils.gen_metrics import (reset_logged_metrics,
+                                                          summarize_logged_metrics)
+
+    model = make_model("llava", method="MSDCalibrated", pretrained=tiny_paths["llava"]["target"],
+                       draft=msd_heads["llava"], baseline=True,
+                       **{"cal.train_ratio": 0.5, "cal.nodes": 6, "cal.max_depth": 3,
+                          "cal.min_samples": 1})
+    reset_logged_metrics()
+    _, records = records_of(model, False, tmp_path / "s.jsonl")
+    assert [(r["measured"], r["calibrated"]) for r in records] == [(False, False), (True, True)]
+    assert records[0]["baseline"] is None and records[1]["text_match"] is True
+    summary = summarize_logged_metrics()
+    assert summary["avg_requests"] == 1 and summary["avg_unmeasured_requests"] == 1
+
+
+def test_calibrated_msd_settings_errors(tiny_paths: dict):
+    target = tiny_paths["llava"]["target"]
+    with pytest.raises(ValueError, match="'tree'"):
+        make_model("llava", method="MSDCalibrated", pretrained=target, tree="opt")
+    with pytest.raises(ValueError, match="'nodez'"):
+        make_model("llava", method="MSDCalibrated", pretrained=target, **{"cal.nodez": 3})
+    with pytest.raises(ValueError, match="train_ratio"):
+        make_model("llava", method="MSDCalibrated", pretrained=target, **{"cal.train_ratio": 1})
 
 
 def test_cascade_is_lossless_and_counts_its_reviews(tiny_paths: dict, noisy_drafts: dict,

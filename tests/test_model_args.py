@@ -12,7 +12,8 @@ from lmms_sd.trees.chain import ChainConfig
 
 
 def parse(arg_string: str) -> tuple[SDArgs, dict]:
-    return parse_model_args(SDArgs, split_model_args(arg_string))
+    args, groups = parse_model_args(SDArgs, split_model_args(arg_string), ("tree",))
+    return args, groups["tree"]
 
 
 def test_values_are_converted_by_field_type():
@@ -43,6 +44,8 @@ def test_tree_keys_are_split_off_for_the_builder():
 def test_unknown_key_is_named():
     with pytest.raises(ValueError, match="'drfat'"):
         parse("pretrained=/m/t,drfat=/m/d")
+    with pytest.raises(ValueError, match="'cal.nodes'"):  # a group this class does not have
+        parse("pretrained=/m/t,cal.nodes=4")
 
 
 def test_missing_required_key_is_named():
@@ -67,7 +70,7 @@ def test_bad_values_are_errors(arg_string: str, needle: str):
 def test_cli_typed_values_are_accepted():
     """lmms-eval passes batch_size/device typed (or as strings) next to our raw strings."""
     args, _ = parse_model_args(SDArgs, {"pretrained": "/m/t", "batch_size": "1", "device": None,
-                                        "max_new_tokens": 16.0, "sd": True})
+                                        "max_new_tokens": 16.0, "sd": True}, ("tree",))
     assert args.batch_size == 1 and args.device is None and args.max_new_tokens == 16
 
 

@@ -5,8 +5,9 @@ This is the only place in lmms_sd that reads ``key=value`` strings. Rules:
     lists the valid ones; a required field left out is an error naming it;
   - values are converted with the field's annotated type (bool, int, float, str, ``X | None``,
     ``tuple[X, ...]`` written ``a;b;c`` because lmms-eval splits model_args on commas);
-  - keys ``tree.<name>`` are the tree builder's own settings, handed to
-    ``lmms_sd.trees.make_builder(tree, **params)`` (e.g. ``tree=chain,tree.k=6``).
+  - keys ``<group>.<name>`` belong to a component with its own settings dataclass: ``tree.``
+    for the tree builder (``lmms_sd.trees.make_builder(tree, **params)``, e.g.
+    ``tree=chain,tree.k=6``), ``cal.`` for the calibrated OPT-Tree (``CalibratedSettings``).
 
 lmms-eval itself would turn ``pretrained=0001`` into the integer 1 and ``off`` into a string;
 our model classes split the raw string themselves (``split_model_args``) so the dataclass field
@@ -25,7 +26,6 @@ from ..core.generate import GenerationConfig
 from ..core.sampling import SamplingConfig
 
 T = TypeVar("T")
-TREE_PREFIX = "tree."
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
@@ -39,7 +39,6 @@ class CommonArgs:
     """Settings of every speculative model class (``llava_sd``, ``qwen2_vl_msd``, ...).
 
     pretrained:      the target checkpoint (a directory saved with ``save_pretrained``).
-    tree:            tree builder name (``lmms_sd.trees``); its settings go in ``tree.<key>=``.
     sd:              ``off`` decodes autoregressively through the very same wrapper.
     baseline:        also decode every request autoregressively and report the speedup and the
                      number of greedy text mismatches (a losslessness check).
@@ -54,7 +53,6 @@ class CommonArgs:
     """
 
     pretrained: str
-    tree: str = "chain"
     sd: bool = True
     baseline: bool = False
     max_new_tokens: int = 256
@@ -86,10 +84,12 @@ class SDArgs(CommonArgs):
     draft:           the draft checkpoint: a small VLM of the target's family, or a text-only LM
                      with the target's tokenizer.
     draft_text_only: hide the image from a VLM draft (a text-only LM draft never sees it).
+    tree:            tree builder name (``lmms_sd.trees``); its settings go in ``tree.<key>=``.
     """
 
     draft: str | None = None
     draft_text_only: bool = False
+    tree: str = "chain"
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class MSDArgs(CommonArgs):
     """``*_msd``: an MSD / EAGLE-2 draft head on the target's features.
 
     draft:            the head: a folder (or hub id) in the published EAGLE/MSD layout.
-    tree:             default ``dynamic`` (EAGLE-2's tree, MSD's defaults).
+    tree:             tree builder name, default ``dynamic`` (EAGLE-2's tree, MSD's defaults).
     positions:        ``target`` (the target's exact positions, M-RoPE included) or
                       ``sequential`` (1-D positions, as MSD's Qwen2-VL head was trained).
     check_embeddings: compare the head's stored embedding with the target's.
@@ -105,6 +105,18 @@ class MSDArgs(CommonArgs):
 
     draft: str | None = None
     tree: str = "dynamic"
+    positions: str = "target"
+    check_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class MSDCalibratedArgs(CommonArgs):
+    """``*_msd_calibrated``: the MSD head under the Calibrated OPT-Tree. The tree is fixed; its
+    and the calibrator's settings go in ``cal.<key>=`` (``CalibratedSettings``: nodes,
+    max_depth, threshold, train_ratio, calibrator, label, ...). ``draft``, ``positions`` and
+    ``check_embeddings`` as for ``MSDArgs``."""
+
+    draft: str | None = None
     positions: str = "target"
     check_embeddings: bool = True
 
@@ -142,13 +154,21 @@ def split_model_args(arg_string: str) -> dict[str, str]:
     return out
 
 
-def parse_model_args(cls: type[T], values: Mapping[str, object]) -> tuple[T, dict[str, object]]:
-    """Split ``tree.*`` keys off and build ``cls`` from the rest.
+def parse_model_args(cls: type[T], values: Mapping[str, object], groups: tuple[str, ...] = ()
+                     ) -> tuple[T, dict[str, dict[str, object]]]:
+    """Build ``cls`` from ``values``, setting aside the ``<group>.<key>`` entries of ``groups``.
 
-    Returns the settings and the tree builder's parameters (values still as given)."""
-    tree_params = {k[len(TREE_PREFIX):]: v for k, v in values.items() if k.startswith(TREE_PREFIX)}
-    own = {k: v for k, v in values.items() if not k.startswith(TREE_PREFIX)}
-    return from_mapping(cls, own, what="model_args"), tree_params
+    Returns the settings and, per group, its parameters (values still as given). A dotted key
+    of any other group is an unknown key."""
+    grouped: dict[str, dict[str, object]] = {g: {} for g in groups}
+    own: dict[str, object] = {}
+    for key, value in values.items():
+        group, dot, name = key.partition(".")
+        if dot and group in grouped:
+            grouped[group][name] = value
+        else:
+            own[key] = value
+    return from_mapping(cls, own, what="model_args"), grouped
 
 
 def from_mapping(cls: type[T], values: Mapping[str, object], what: str = "settings") -> T:

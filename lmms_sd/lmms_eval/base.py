@@ -28,7 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..adapters import HFAdapter, load_adapter
-from ..core.generate import GenerationConfig, GenerationResult as CoreResult, generate
+from ..core.generate import GenerationConfig, StepObserver, generate
+from ..core.generate import GenerationResult as CoreResult
 from ..core.interfaces import Drafter, PromptInputs
 from ..trees import TreeBuilder, make_builder
 from .args import CommonArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
@@ -38,13 +39,15 @@ Prompt = str | list[dict[str, Any]]  # a user text (images go first) or chat mes
 
 
 class SpeculativeLMM(lmms):
-    """Base of ``<family>_<method>`` model classes. Subclasses set ``family`` (the checkpoint
-    family the target must be) and ``Args`` and implement ``make_drafter``; chat variants set
-    ``is_simple = False``."""
+    """Base of ``<family>_<method>`` model classes. A method sets ``Args`` (its settings),
+    ``GROUPS`` (its ``<group>.<key>`` settings) and implements ``make_decoder``; a family sets
+    ``family`` (what the target checkpoint must be); a chat variant sets ``is_simple = False``.
+    Hooks called per request: ``start_request`` before decoding, ``request_extras`` after."""
 
     is_simple: ClassVar[bool] = True
     family: ClassVar[str] = ""
     Args: ClassVar[type[CommonArgs]] = CommonArgs
+    GROUPS: ClassVar[tuple[str, ...]] = ("tree",)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str,
@@ -55,8 +58,8 @@ class SpeculativeLMM(lmms):
 
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
-        self.settings, tree_params = parse_model_args(self.Args, model_args)
-        self.builder = self.make_tree(tree_params)  # before loading anything: fail early
+        self.settings, self.groups = parse_model_args(self.Args, model_args, self.GROUPS)
+        self.configure()
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self._device = _pick_device(self.settings.device, self.accelerator)
@@ -64,18 +67,30 @@ class SpeculativeLMM(lmms):
         if self.target.family != self.family:
             raise ValueError(f"{type(self).__name__} needs a {self.family} target; "
                              f"{self.settings.pretrained} is a {self.target.family} checkpoint")
-        self.drafter: Drafter | None = self.make_drafter() if self.settings.sd else None
-        self._records: list[Record] = []
+        self.drafter: Drafter | None = None
+        self.builder: TreeBuilder | None = None
+        if self.settings.sd:
+            self.drafter, self.builder = self.make_decoder()
 
     # ------------------------------------------------------------------ method hooks
-    def make_drafter(self) -> Drafter:
+    def configure(self) -> None:
+        """Check the method's own settings before anything is loaded (default: the tree)."""
+        self.tree = make_builder(self.settings.tree, **self.groups["tree"])
+
+    def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
+        """The drafter and the tree builder (``sd=on`` only)."""
         raise NotImplementedError
 
-    def make_tree(self, params: dict[str, Any]) -> TreeBuilder:
-        return make_builder(self.settings.tree, **params)
+    def plan(self, tasks: list[str]) -> None:
+        """The task of every request this ``generate_until`` call will decode, in order."""
+
+    def start_request(self, task: str, cfg: GenerationConfig) -> StepObserver | None:
+        """Set up the next request (``sd=on``); may return an observer of its verify steps."""
+        return None
 
     def request_extras(self) -> dict[str, Any]:
-        """Method-specific statistics of the request just decoded, for its record."""
+        """Method-specific facts about the request just decoded, for its record; the key
+        ``measured`` False keeps it out of the speed summary (e.g. calibration requests)."""
         return {}
 
     def load(self, path: str) -> HFAdapter:
@@ -95,8 +110,10 @@ class SpeculativeLMM(lmms):
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         out: list[GenerationResult] = []
         records: list[Record] = []
+        if self.drafter is not None:
+            self.plan([req.task_name for req in requests if not _padding(req)])
         for req in tqdm(requests, disable=self.rank != 0, desc=f"{type(self).__name__}"):
-            if (req.metadata or {}).get("__padding_only__"):
+            if _padding(req):
                 out.append(GenerationResult(text="", token_counts=None))  # discarded by lmms-eval
                 continue
             text, record, counts = self._respond(req)
@@ -119,11 +136,13 @@ class SpeculativeLMM(lmms):
         cfg = generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
                                 eos_token_ids=self.target.eos_token_ids,
                                 seed=self.settings.seed + int(doc_id))               # 3.
-        text, result = self._decode(prompt, cfg, self.drafter)                     # 4.
+        observer = self.start_request(task, cfg) if self.drafter is not None else None
+        text, result = self._decode(prompt, cfg, self.drafter, observer)           # 4.
+        extras = self.request_extras() if self.drafter is not None else {}
         record: Record = {"task": task, "doc_id": int(doc_id), "rank": self.rank,
                           "greedy": cfg.sampling.greedy, "stats": sample_stats(result),
-                          **self.request_extras(), "baseline": None, "text_match": None}
-        if self.settings.baseline:                                                  # 5.
+                          **extras, "baseline": None, "text_match": None}
+        if self.settings.baseline and extras.get("measured", True):                # 5.
             base_text, base = self._decode(prompt, cfg, None)
             record["baseline"] = sample_stats(base)
             if cfg.sampling.greedy:
@@ -135,10 +154,12 @@ class SpeculativeLMM(lmms):
         self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), text)
         return text, record, counts                                                 # 6.
 
-    def _decode(self, prompt: PromptInputs, cfg: GenerationConfig,
-                drafter: Drafter | None) -> tuple[str, CoreResult]:
+    def _decode(self, prompt: PromptInputs, cfg: GenerationConfig, drafter: Drafter | None,
+                observer: StepObserver | None = None) -> tuple[str, CoreResult]:
+        """Speculatively with ``drafter``, or autoregressively without."""
         builder = self.builder if drafter is not None else None
-        result = generate(self.target, prompt, cfg, drafter, builder, self.target.decode)
+        result = generate(self.target, prompt, cfg, drafter, builder, self.target.decode,
+                          observer=observer)
         return cut_at_stop(self.target.decode(result.tokens), cfg.stop_strings), result
 
     def _request_inputs(self, req: Instance) -> tuple[Prompt, list[Image.Image], dict, tuple[str, int]]:
@@ -167,6 +188,11 @@ class SpeculativeLMM(lmms):
         if path is not None:
             write_jsonl(path, everyone)
             eval_logger.info(f"per-sample speed statistics: {path}")
+
+
+def _padding(req: Instance) -> bool:
+    """A duplicate the evaluator adds to even out ranks; its answer is thrown away."""
+    return bool((req.metadata or {}).get("__padding_only__"))
 
 
 def _pick_device(requested: str | None, accelerator: Accelerator) -> torch.device:

@@ -3,18 +3,20 @@
 method          drafter (``draft=`` / ``drafts=``)                        settings
 sd              a small draft VLM, or a text-only LM sharing the tokenizer  ``args.SDArgs``
 msd             an MSD / EAGLE-2 draft head on the target's features         ``args.MSDArgs``
-msd_calibrated  the MSD head + grouped isotonic calibrator + OPT-Tree        not implemented yet
+msd_calibrated  the MSD head + grouped isotonic calibrator + OPT-Tree        ``MSDCalibratedArgs``
 cascade         CS Drafting's cascade of drafts down to MaG                  ``args.CascadeArgs``
 Every class accepts ``sd=off`` (the same wrapper, decoding autoregressively) and
 ``baseline=true`` (both, in the same process).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..adapters import check_same_vocab
+from ..core.generate import GenerationConfig, StepObserver
 from ..core.interfaces import Drafter
 from ..drafters.bigram import BigramTable
 from ..drafters.cascade import CascadeBuilder, CascadeConfig, CascadeDrafter
@@ -23,7 +25,7 @@ from ..drafters.msd import MSDConfig, MSDDrafter, qwen2_vl_rope_index
 from ..drafters.msd_format import load_msd_head
 from ..drafters.ngram import MaGDrafter
 from ..trees import TreeBuilder
-from .args import CascadeArgs, MSDArgs, SDArgs
+from .args import CascadeArgs, MSDArgs, MSDCalibratedArgs, SDArgs, from_mapping
 from .base import SpeculativeLMM
 
 
@@ -46,9 +48,9 @@ class _ModelDraft(SpeculativeLMM):
 
     Args = SDArgs
 
-    def make_drafter(self) -> Drafter:
-        return _model_drafter(self, _need(self.settings.draft, "draft", self),
-                              self.settings.draft_text_only)
+    def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
+        s = self.settings
+        return _model_drafter(self, _need(s.draft, "draft", self), s.draft_text_only), self.tree
 
 
 class _MSD(SpeculativeLMM):
@@ -56,13 +58,16 @@ class _MSD(SpeculativeLMM):
 
     Args = MSDArgs
 
-    def make_drafter(self) -> Drafter:
-        s = self.settings
-        model = self.target.model
-        head = load_msd_head(_need(s.draft, "draft", self), model,
-                             check_embeddings=s.check_embeddings)
-        rope_index = qwen2_vl_rope_index(model) if self.family == "qwen2_vl" else None
-        return MSDDrafter(head, MSDConfig(positions=s.positions), rope_index)
+    def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
+        return _msd_drafter(self), self.tree
+
+
+def _msd_drafter(lmm: SpeculativeLMM) -> MSDDrafter:
+    """The MSD head at ``draft=`` bound to ``lmm``'s target model."""
+    s, model = lmm.settings, lmm.target.model
+    head = load_msd_head(_need(s.draft, "draft", lmm), model, check_embeddings=s.check_embeddings)
+    rope_index = qwen2_vl_rope_index(model) if lmm.family == "qwen2_vl" else None
+    return MSDDrafter(head, MSDConfig(positions=s.positions), rope_index)
 
 
 class _Cascade(SpeculativeLMM):
@@ -70,17 +75,18 @@ class _Cascade(SpeculativeLMM):
 
     Args = CascadeArgs
 
-    def make_drafter(self) -> Drafter:
+    def configure(self) -> None:
+        if self.settings.tree != "cascade":
+            return super().configure()
+        if self.groups["tree"]:
+            raise ValueError(f"tree=cascade takes no settings, got {sorted(self.groups['tree'])}")
+        self.tree = CascadeBuilder()
+
+    def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
         s = self.settings
         drafts = [self._member(path) for path in _need(s.drafts, "drafts", self)]
-        return CascadeDrafter(drafts, CascadeConfig.of(parse_k_matrix(s.k_matrix), s.lenience))
-
-    def make_tree(self, params: dict[str, Any]) -> TreeBuilder:
-        if self.settings.tree != "cascade":
-            return super().make_tree(params)
-        if params:
-            raise ValueError(f"tree=cascade takes no settings, got {sorted(params)}")
-        return CascadeBuilder()
+        cfg = CascadeConfig.of(parse_k_matrix(s.k_matrix), s.lenience)
+        return CascadeDrafter(drafts, cfg), self.tree
 
     def request_extras(self) -> dict[str, Any]:
         return {"cascade": asdict(self.drafter.counts())} if self.drafter is not None else {}
@@ -102,14 +108,39 @@ def parse_k_matrix(text: str) -> list[list[int]]:
 
 
 class _MSDCalibrated(SpeculativeLMM):
-    """Not implemented yet: construction fails naming the missing piece."""
+    """The MSD head under the Calibrated OPT-Tree (``lmms_sd.calibration.online``): online with
+    ``cal.train_ratio`` (each task's first requests collect traces and are not measured; a
+    calibrator is fitted per task; the rest are decoded with it and measured), or offline with
+    ``cal.calibrator=PATH``. Task shares are counted per rank under several processes."""
 
-    def __init__(self, **model_args: Any) -> None:
-        raise NotImplementedError(
-            f"{type(self).__name__}: the calibrated OPT-Tree is not wired yet. It needs a "
-            "score_fn for lmms_sd.trees.opt.OptBuilder built on GroupedIsotonicCalibrator."
-            "predict_children (lmms_sd/calibration) with the MSD head's image attention per "
-            "draft node, and the train_ratio online fitting")
+    Args = MSDCalibratedArgs
+    GROUPS = ("cal",)
+
+    def configure(self) -> None:
+        from ..calibration.online import CalibratedSettings  # TODO top-level once committed
+
+        # The MSD head cannot report its image attention yet (recording.with_attention_tap
+        # supports draft models only): attention features are 0 unless asked for explicitly.
+        params = {"attention": "false", **self.groups["cal"]}
+        self.calibration = from_mapping(CalibratedSettings, params, what="cal settings")
+
+    def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
+        from ..calibration.online import make_calibrated
+
+        drafter, builder, self.session = make_calibrated(
+            _msd_drafter(self), self.calibration, self.target.tokenizer, self.target.vocab_size)
+        return drafter, builder
+
+    def plan(self, tasks: list[str]) -> None:
+        self.session.plan(Counter(tasks))
+
+    def start_request(self, task: str, cfg: GenerationConfig) -> StepObserver | None:
+        self.session.start_request(task, cfg.sampling)
+        return self.session.observe
+
+    def request_extras(self) -> dict[str, Any]:
+        phase = self.session.phases[-1]
+        return {"measured": phase.measured, "calibrated": phase.calibrated}
 
 
 class LlavaSD(_ModelDraft):

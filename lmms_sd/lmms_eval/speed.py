@@ -7,6 +7,9 @@ A *record* is a JSON-friendly dict per decoded request (padding duplicates exclu
                                  ("d" draft / "t" target per token) and the per-step lists
   baseline                       the same for the autoregressive run (``baseline=true``) or None
   text_match                     greedy requests with a baseline: SD text == autoregressive text
+  measured (optional)            False for requests that only serve the method (calibration
+                                 requests of ``*_msd_calibrated``): kept in the JSONL, left out
+                                 of the summary and not run again as a baseline
 
 Summary metrics (per task and overall; ``summarize`` is a pure function of the records):
   tokens_per_second          sum of emitted tokens / sum of wall times (prefill + decode)
@@ -118,14 +121,18 @@ def gather(records: list[Record]) -> list[Record]:
 
 
 def log_speed(records: list[Record]) -> dict[str, dict[str, float]]:
-    """Hand the pooled metrics to lmms-eval (call on rank 0 only, with gathered records)."""
+    """Hand the pooled metrics of the measured records to lmms-eval (call on rank 0 only, with
+    gathered records)."""
     from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-    summary = summarize_by_task(records)
+    measured = [r for r in records if r.get("measured", True)]
+    summary = summarize_by_task(measured)
     overall = summary["overall"]
     extra = {k: v for k, v in flat_metrics(summary).items()
              if k not in ("new_tokens", "wall_time", "tokens_per_second")}
     extra["total_requests"] = overall["requests"]
+    if len(measured) < len(records):
+        extra["unmeasured_requests"] = len(records) - len(measured)
     log_metrics(total_elapsed_time=overall["wall_time"], total_gen_tokens=overall["new_tokens"],
                 avg_speed=overall.get("tokens_per_second", 0.0), additional_metrics=extra)
     return summary
