@@ -120,6 +120,7 @@ class MSDDrafter:
         dev = self.head.fc.weight.device
         u = self.head.fuse(torch.tensor(tokens, device=dev)[None], hidden[None].to(dev))
         self._pending.append(u[0])
+        self._root_g = None  # the next root() computes it
         self._reset_tree()
 
     @torch.no_grad()
