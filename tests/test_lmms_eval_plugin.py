@@ -436,7 +436,8 @@ def run_cli(out: Path, model: str, model_args: str, tasks: str, limit: int,
 
 
 @pytest.fixture(scope="module")
-def cli_sd(tiny_paths: dict, noisy_drafts: dict, tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+def cli_sd(tiny_paths: dict, noisy_drafts: dict,
+           tmp_path_factory: pytest.TempPathFactory) -> CliRun:
     args = f"pretrained={tiny_paths['llava']['target']},draft={noisy_drafts['llava']},baseline=true"
     return run_cli(tmp_path_factory.mktemp("cli_sd") / "out", "llava_sd", args,
                    "shapes_caption", limit=4)

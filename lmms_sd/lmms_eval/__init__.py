@@ -12,12 +12,14 @@ work). Either pass the path::
 
     python -m lmms_eval --model llava_sd \\
         --model_args pretrained=<target>,draft=<draft>,tree=chain,tree.k=4,baseline=true \\
-        --tasks shapes --include_path "$(python -c 'import lmms_sd.lmms_eval as m; print(m.tasks_dir())')" \\
-        --output_path results
+        --tasks shapes --output_path results \\
+        --include_path "$(python -c 'import lmms_sd.lmms_eval as m; print(m.tasks_dir())')"
 
-or call ``eval_main`` (``python -c 'import lmms_sd.lmms_eval as m; m.eval_main()' --model ...``),
-which adds it. Multi-process: ``accelerate launch --num_processes N -m lmms_eval ...``
-(on CPU: ``ACCELERATE_USE_CPU=true python -m accelerate.commands.launch --multi_gpu ...``).
+(in a source checkout the link ``tasks`` does as well), or call ``eval_main``
+(``python -c 'import lmms_sd.lmms_eval as m; m.eval_main()' --model ...``), which adds it.
+
+Multi-process: ``accelerate launch --num_processes N -m lmms_eval ...`` (on CPU:
+``ACCELERATE_USE_CPU=true python -m accelerate.commands.launch --multi_gpu ...``).
 
 Outputs: accuracy in the usual results JSON; speed in its ``throughput`` section
 (``avg_tau``, ``avg_speedup``, ``avg_<task>/tau``, ...; see ``speed.py``) and per sample in

@@ -201,7 +201,7 @@ def coerce(value: object, hint: Any, key: str = "value") -> Any:
             raise TypeError(f"{key}: unions other than `X | None` are not supported ({hint})")
         return coerce(value, inner[0], key)
     if origin is tuple:
-        items = value.split(";") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+        items = value.split(";") if isinstance(value, str) else list(value)  # type: ignore
         elem = params[0] if params else str
         return tuple(coerce(v.strip() if isinstance(v, str) else v, elem, key)
                      for v in items if not (isinstance(v, str) and not v.strip()))
@@ -289,8 +289,10 @@ def generation_config(gen_kwargs: Mapping[str, object], *, default_max_new_token
         top_k=0 if g.get("top_k") is None else _to_int(g["top_k"], "top_k"),
     )
     max_new = g.get("max_new_tokens")
+    if max_new is not None:
+        max_new = _to_int(max_new, "max_new_tokens")
     return GenerationConfig(
-        max_new_tokens=default_max_new_tokens if max_new is None else _to_int(max_new, "max_new_tokens"),
+        max_new_tokens=default_max_new_tokens if max_new is None else max_new,
         eos_token_ids=tuple(eos_token_ids),
         stop_strings=stop_strings(g.get("until")),
         sampling=sampling,

@@ -15,6 +15,7 @@ Errors propagate: a request that fails to decode fails the run.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +36,18 @@ from ..trees import TreeBuilder, make_builder
 from .args import CommonArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
 
-Prompt = str | list[dict[str, Any]]  # a user text (images go first) or chat messages
+
+
+@dataclass(frozen=True)
+class RequestInputs:
+    """One lmms-eval request, unpacked. ``prompt``: the user text (its images go first) of a
+    simple request, or the chat messages of a chat request (images as ``{"type": "image"}``)."""
+
+    prompt: str | list[dict[str, Any]]
+    images: list[Image.Image]
+    gen_kwargs: dict[str, Any]
+    task: str
+    doc_id: int
 
 
 class SpeculativeLMM(lmms):
@@ -61,7 +73,8 @@ class SpeculativeLMM(lmms):
         self.settings, self.groups = parse_model_args(self.Args, model_args, self.GROUPS)
         self.configure()
         self.accelerator = Accelerator()
-        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
         self._device = _pick_device(self.settings.device, self.accelerator)
         self.target = self.load(self.settings.pretrained)
         if self.target.family != self.family:
@@ -131,15 +144,16 @@ class SpeculativeLMM(lmms):
 
     # ------------------------------------------------------------------ one request
     def _respond(self, req: Instance) -> tuple[str, Record, TokenCounts]:
-        prompt_in, images, gen_kwargs, (task, doc_id) = self._request_inputs(req)  # 1.
-        prompt = self.target.prepare(prompt_in, images)                             # 2.
+        inputs = self._request_inputs(req)                                          # 1.
+        task, doc_id, gen_kwargs = inputs.task, inputs.doc_id, inputs.gen_kwargs
+        prompt = self.target.prepare(inputs.prompt, inputs.images)                  # 2.
         cfg = generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
                                 eos_token_ids=self.target.eos_token_ids,
-                                seed=self.settings.seed + int(doc_id))               # 3.
+                                seed=self.settings.seed + doc_id)                    # 3.
         observer = self.start_request(task, cfg) if self.drafter is not None else None
         text, result = self._decode(prompt, cfg, self.drafter, observer)           # 4.
         extras = self.request_extras() if self.drafter is not None else {}
-        record: Record = {"task": task, "doc_id": int(doc_id), "rank": self.rank,
+        record: Record = {"task": task, "doc_id": doc_id, "rank": self.rank,
                           "greedy": cfg.sampling.greedy, "stats": sample_stats(result),
                           **extras, "baseline": None, "text_match": None}
         if self.settings.baseline and extras.get("measured", True):                # 5.
@@ -162,13 +176,12 @@ class SpeculativeLMM(lmms):
                           observer=observer)
         return cut_at_stop(self.target.decode(result.tokens), cfg.stop_strings), result
 
-    def _request_inputs(self, req: Instance) -> tuple[Prompt, list[Image.Image], dict, tuple[str, int]]:
-        """The prompt (text or chat messages), its images, gen_kwargs and (task, doc_id)."""
+    def _request_inputs(self, req: Instance) -> RequestInputs:
         if self.is_simple:
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
             visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-            return ctx, _images(visuals), dict(gen_kwargs), (task, doc_id)
+            return RequestInputs(ctx, _images(visuals), dict(gen_kwargs), task, int(doc_id))
         _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
         chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
         images, videos, audios = chat.extract_media()
@@ -176,7 +189,7 @@ class SpeculativeLMM(lmms):
             raise NotImplementedError(f"{task} doc {doc_id}: only image inputs are supported")
         messages = [{"role": m["role"], "content": [_strip_media(c) for c in m["content"]]}
                     for m in chat.model_dump()["messages"]]
-        return messages, _images(images), dict(gen_kwargs), (task, doc_id)
+        return RequestInputs(messages, _images(images), dict(gen_kwargs), task, int(doc_id))
 
     # ------------------------------------------------------------------ reporting
     def _report(self, records: list[Record]) -> None:
@@ -206,13 +219,16 @@ def _pick_device(requested: str | None, accelerator: Accelerator) -> torch.devic
 
 
 def _images(visuals: Any) -> list[Image.Image]:
-    """lmms-eval visuals (a list, possibly nested, of PIL images) -> a flat list of images."""
+    """lmms-eval visuals (None, an image, or a list, possibly nested, of images or None) -> a
+    flat list of images."""
     flat: list[Any] = []
     for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
         flat.extend(v if isinstance(v, (list, tuple)) else [v])
+    flat = [v for v in flat if v is not None]
     for v in flat:
         if not isinstance(v, Image.Image):
-            raise NotImplementedError(f"only PIL image inputs are supported, got {type(v).__name__}")
+            raise NotImplementedError(f"only PIL image inputs are supported, got "
+                                      f"{type(v).__name__}")
     return [v.convert("RGB") for v in flat]
 
 

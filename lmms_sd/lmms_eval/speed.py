@@ -152,7 +152,8 @@ def results_dir_jsonl() -> Path | None:
     lmms-eval 0.7.3 gives a model no output path. Its CLI builds an ``EvaluationTracker``
     (``output_path``; ``general_config_tracker.model_name_sanitized`` from ``pretrained=``) and a
     ``datetime_str`` and passes both to ``evaluator.simple_evaluate``, which calls the model;
-    results land in ``<output_path>/<model_name_sanitized>/<datetime_str with - for :>_results.json``.
+    results land in ``<output_path>/<model_name_sanitized>/<date>_results.json`` where
+    ``<date>`` is ``datetime_str`` with ``-`` for ``:``.
     We read those two locals from the ``simple_evaluate`` frame on our call stack. Returns
     ``<same dir>/<same date>_speed.jsonl``, or None outside such a run or without --output_path.
     """
