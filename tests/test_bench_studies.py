@@ -17,6 +17,7 @@ from PIL import Image
 
 from lmms_sd.adapters import load_adapter
 from lmms_sd.bench import efficiency, plots, potential, studies
+from lmms_sd.calibration.features import CATEGORIES
 from lmms_sd.core import generate as generate_module
 from lmms_sd.core.interfaces import PromptInputs
 from lmms_sd.core.tree import DraftTree
@@ -195,11 +196,13 @@ def _png_size(path) -> tuple[int, int]:
 
 def test_plots_from_records(llava, llava_prompts, tiny_paths, tmp_path):
     methods = ["oracle:chain:k=3", "draft_vlm:chain:k=2"]
-    records = studies.collect_records(llava, llava_prompts, methods, max_new_tokens=16, alpha=0.6)
+    records = studies.collect_records(llava, llava_prompts, methods, max_new_tokens=12, alpha=0.6)
     assert len(records) == 4 and all(r["match_ar"] for r in records)
-    studies.write_jsonl(tmp_path / "oracle.jsonl", [r for r in records if r["method"] == methods[0]])
-    studies.write_jsonl(tmp_path / "vlm.jsonl", [r for r in records if r["method"] == methods[1]])
-    summary = plots.main(["--records", str(tmp_path / "oracle.jsonl"), f"vlm={tmp_path / 'vlm.jsonl'}",
+    for name, method in (("oracle", methods[0]), ("vlm", methods[1])):
+        mine = [r for r in records if r["method"] == method]
+        studies.write_jsonl(tmp_path / f"{name}.jsonl", mine)
+    summary = plots.main(["--records", str(tmp_path / "oracle.jsonl"),
+                          f"vlm={tmp_path / 'vlm.jsonl'}",
                           "--tokenizer", str(tiny_paths["llava"]["target"]),
                           "--out", str(tmp_path / "out")])
     for name in ("trajectories.png", "acceptance_by_category.png", "accept_length_hist.png"):
@@ -210,7 +213,7 @@ def test_plots_from_records(llava, llava_prompts, tiny_paths, tmp_path):
         mine = [r["stats"] for r in records if r["method"] == method]
         acc = summary["acceptance"][label]
         assert acc["all"]["accepted"] == sum(s["origin"].count("d") for s in mine)
-        assert acc["all"]["offered"] == sum(acc[c]["offered"] for c in ("content", "function", "number"))
+        assert acc["all"]["offered"] == sum(acc[c]["offered"] for c in CATEGORIES)
         lengths = {int(a): n for a, n in summary["accepted_lengths"][label].items()}
         assert sum(lengths.values()) == sum(s["decode_steps"] for s in mine)
         assert sum(a * n for a, n in lengths.items()) == sum(s["accepted"] for s in mine)

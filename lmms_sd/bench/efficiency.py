@@ -44,10 +44,11 @@ import math
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -173,7 +174,22 @@ def _drafter(setting: Setting, reference: list[int], vocab_size: int,
              seed: int) -> tuple[OracleDrafter | None, Callable | None]:
     if setting.alpha is None:
         return None, None
-    return OracleDrafter(reference, setting.alpha, vocab_size, seed), make_builder("chain", k=setting.k)
+    drafter = OracleDrafter(reference, setting.alpha, vocab_size, seed)
+    return drafter, make_builder("chain", k=setting.k)
+
+
+TARGET_PARTS = {"forward": "forward", "keep": "keep", "crop": "crop"}
+DRAFTER_PARTS = {"root": "draft_propose", "expand": "draft_propose",
+                 "begin": "draft_update", "commit": "draft_update"}
+
+
+def _profiled(target: HFAdapter, drafter: OracleDrafter | None, builder: Callable | None,
+              timer: Timer) -> tuple[Any, Any, Callable | None]:
+    """The target, drafter and builder behind timing proxies."""
+    if drafter is None:
+        return TimedProxy(target, timer, TARGET_PARTS), None, None
+    return (TimedProxy(target, timer, TARGET_PARTS), TimedProxy(drafter, timer, DRAFTER_PARTS),
+            timer.timed("builder", builder))
 
 
 def run_setting(target: HFAdapter, prompts: Sequence[PromptInputs], refs: list[list[int]] | None,
@@ -183,14 +199,10 @@ def run_setting(target: HFAdapter, prompts: Sequence[PromptInputs], refs: list[l
     With a ``timer`` the adapter, drafter, builder and loop functions are profiled."""
     decode_s, records, outputs = 0.0, [], []
     for i, prompt in enumerate(prompts):
-        drafter, builder = _drafter(setting, refs[i] if refs else [], target.vocab_size, i)
         model: Any = target
+        drafter, builder = _drafter(setting, refs[i] if refs else [], target.vocab_size, i)
         if timer is not None:
-            model = TimedProxy(target, timer, {"forward": "forward", "keep": "keep", "crop": "crop"})
-            if drafter is not None:
-                drafter = TimedProxy(drafter, timer, {"root": "draft_propose", "expand": "draft_propose",
-                                                      "begin": "draft_update", "commit": "draft_update"})
-                builder = timer.timed("builder", builder)
+            model, drafter, builder = _profiled(target, drafter, builder, timer)
         with timed_loop_functions(timer) if timer is not None else _nothing():
             res = generate(model, prompt, gen, drafter, builder)
         decode_s += res.stats.wall_time - res.stats.prefill_time
@@ -353,28 +365,32 @@ PARTS = ("target forward", "cache edits", "mask building", "verification", "draf
          "tree building", "other")
 
 
+COLUMNS = (("setting", "setting"), ("tau", "tau"), ("expected tau", "expected_tau"),
+           ("tokens/fwd", "tokens_per_forward"), ("t_verify/t1", "verify_over_t1"),
+           ("ideal", "ideal"), ("achieved", "achieved"), ("efficiency", "efficiency"),
+           ("ms/step", "ms_per_step"), ("mismatches", "mismatches"))
+
+
+def _fmt(v: Any, spec: str = ".3g") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def to_markdown(result: dict, header: str = "") -> str:
     """The efficiency table and the per-step profile table."""
-    def f(v: Any, spec: str = ".3g") -> str:
-        return "-" if v is None else format(v, spec)
-
-    costs = result["step_costs_ms"]
-    lines = [header, "", "Step costs at mid-generation context (median ms): "
-             + ", ".join(f"q={q}: {f(t)}" for q, t in costs.items()), "",
-             "| setting | tau | expected tau | tokens/fwd | t_verify/t1 | ideal | achieved "
-             "| efficiency | ms/step | mismatches |", "|" + "---|" * 10]
-    for r in result["rows"]:
-        lines.append(f"| {r['setting']} | {f(r['tau'])} | {f(r['expected_tau'])} | "
-                     f"{f(r['tokens_per_forward'])} | {f(r['verify_over_t1'])} | {f(r['ideal'])} | "
-                     f"{f(r['achieved'])} | {f(r['efficiency'])} | {f(r['ms_per_step'])} | "
-                     f"{r['mismatches']} |")
-    lines += ["", "Profiled decode time per step (ms; the profiled run synchronises around every "
-              "timed call)", "", "| setting | " + " | ".join(PARTS) + " | profiled / unprofiled |",
-              "|" + "---|" * (len(PARTS) + 2)]
-    for r in result["rows"]:
-        p = r["profile_ms_per_step"]
-        lines.append(f"| {r['setting']} | " + " | ".join(f(p[k], ".3f") for k in PARTS)
-                     + f" | {f(r['profiled_decode_s'] / r['decode_wall_s'])} |")
+    costs = ", ".join(f"q={q}: {_fmt(t)}" for q, t in result["step_costs_ms"].items())
+    lines = [header, "", f"Step costs at mid-generation context (median ms): {costs}", ""]
+    lines += _table([c for c, _ in COLUMNS],
+                    [[_fmt(r[key]) for _, key in COLUMNS] for r in result["rows"]])
+    lines += ["", ("Profiled decode time per step (ms; the profiled run synchronises around "
+                   "every timed call)"), ""]
+    lines += _table(["setting", *PARTS, "profiled / unprofiled"],
+                    [[r["setting"], *(_fmt(r["profile_ms_per_step"][k], ".3f") for k in PARTS),
+                      _fmt(r["profiled_decode_s"] / r["decode_wall_s"])] for r in result["rows"]])
     return "\n".join(lines) + "\n"
 
 

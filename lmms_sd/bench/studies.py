@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..core.generate import GenerationConfig, generate
 from ..core.interfaces import PromptInputs
@@ -27,7 +28,8 @@ DEFAULT_METHODS = ("draft_vlm:chain:k=4", "text_only:chain:k=4")
 
 
 def collect_records(models: dict[str, Any], prompts: Sequence[PromptInputs],
-                    methods: Sequence[str], max_new_tokens: int, alpha: float = 1.0) -> list[Record]:
+                    methods: Sequence[str], max_new_tokens: int,
+                    alpha: float = 1.0) -> list[Record]:
     """Decode every prompt with every method (``methods.py`` specs; the oracle included, right
     with probability ``alpha``) and
     return one record per decode, labelled with its method and checked against the target's
@@ -105,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = efficiency.measure(target, prompts[:4], cfg)
         from .run import machine
 
-        meta = {"target": args.target, "items": len(prompts[:4]), "max_new_tokens": cfg.max_new_tokens,
-                "repeats": cfg.repeats, "machine": machine()}
+        meta = {"target": args.target, "items": len(prompts[:4]),
+                "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats, "machine": machine()}
         print(efficiency.write(out, result, meta))
 
 
