@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -109,12 +109,12 @@ class IsotonicCurve:
         return np.interp(confidence, self.x, self.y)
 
     @staticmethod
-    def from_sklearn(iso: IsotonicRegression, n: int) -> "IsotonicCurve":
+    def from_sklearn(iso: IsotonicRegression, n: int) -> IsotonicCurve:
         return IsotonicCurve(np.asarray(iso.X_thresholds_, dtype=np.float64).copy(),
                              np.asarray(iso.y_thresholds_, dtype=np.float64).copy(), n)
 
     @staticmethod
-    def fit(confidence: np.ndarray, labels: np.ndarray) -> "IsotonicCurve":
+    def fit(confidence: np.ndarray, labels: np.ndarray) -> IsotonicCurve:
         iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0, increasing=True)
         iso.fit(np.asarray(confidence, dtype=np.float64), np.asarray(labels, dtype=np.float64))
         return IsotonicCurve.from_sklearn(iso, len(confidence))
@@ -123,7 +123,7 @@ class IsotonicCurve:
         return {"n": self.n, "x": self.x.tolist(), "y": self.y.tolist()}
 
     @staticmethod
-    def from_json(obj: Mapping) -> "IsotonicCurve":
+    def from_json(obj: Mapping) -> IsotonicCurve:
         return IsotonicCurve(np.asarray(obj["x"], dtype=np.float64),
                              np.asarray(obj["y"], dtype=np.float64), int(obj["n"]))
 
@@ -193,7 +193,7 @@ class GroupedIsotonicCalibrator:
     @staticmethod
     def fit(features: FeatureArrays, labels: np.ndarray, tokenizer_fingerprint: str,
             config: CalibratorConfig = CalibratorConfig(), label: str = "soft",
-            progress: bool = False) -> "GroupedIsotonicCalibrator":
+            progress: bool = False) -> GroupedIsotonicCalibrator:
         """Learn bucket edges, then one isotonic curve per group with enough samples.
 
         labels: # [n] the ``label`` column of the traces (values in [0, 1])
@@ -302,7 +302,7 @@ class GroupedIsotonicCalibrator:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
 
     @staticmethod
-    def from_json(obj: Mapping, tokenizer_fingerprint: str | None) -> "GroupedIsotonicCalibrator":
+    def from_json(obj: Mapping, tokenizer_fingerprint: str | None) -> GroupedIsotonicCalibrator:
         """Rebuild from ``to_json`` output. ``tokenizer_fingerprint`` must equal the saved one;
         pass None only to inspect a file without a tokenizer at hand."""
         fmt, ver = obj.get("format"), obj.get("version")
@@ -327,6 +327,6 @@ class GroupedIsotonicCalibrator:
                                          obj["group_counts"])
 
     @staticmethod
-    def load(path: str | Path, tokenizer_fingerprint: str | None) -> "GroupedIsotonicCalibrator":
+    def load(path: str | Path, tokenizer_fingerprint: str | None) -> GroupedIsotonicCalibrator:
         return GroupedIsotonicCalibrator.from_json(json.loads(Path(path).read_text()),
                                                    tokenizer_fingerprint)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .calibrator import FINER_DIMS, CalibratorConfig, GroupedIsotonicCalibrator
 from .metrics import calibration_report
@@ -64,7 +64,7 @@ def _fit(args: argparse.Namespace) -> int:
     if not 0.0 <= args.holdout < 1.0:
         raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
     fingerprint, records = read_traces(args.traces, progress=True)
-    n_fit = len(records) - int(round(len(records) * args.holdout))
+    n_fit = len(records) - round(len(records) * args.holdout)
     if n_fit < 1:
         raise ValueError(f"{len(records)} records leave nothing to fit with "
                          f"--holdout {args.holdout}")

@@ -25,8 +25,9 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,6 +107,13 @@ def category_table(decode: Callable[[int], str], vocab_size: int) -> np.ndarray:
                     dtype=np.int8)
 
 
+def tokenizer_categories(tokenizer: Any, vocab_size: int) -> np.ndarray:  # [V] int8
+    """``category_table`` of a Hugging Face tokenizer over ``vocab_size`` logit rows; ids past
+    the tokenizer's own (a padded lm_head) decode to "" and count as function tokens."""
+    n = len(tokenizer)
+    return category_table(lambda i: tokenizer.decode([i]) if i < n else "", vocab_size)
+
+
 def category_rules_fingerprint() -> str:
     """A hash of the category rules above: a calibrator fitted under other rules must not be
     fed categories from these."""
@@ -161,7 +169,7 @@ class FeatureArrays:
         return len(self.confidence)
 
     @staticmethod
-    def stack(features: Sequence[CandidateFeatures]) -> "FeatureArrays":
+    def stack(features: Sequence[CandidateFeatures]) -> FeatureArrays:
         return FeatureArrays(
             confidence=np.array([f.confidence for f in features], dtype=np.float64),
             category=np.array([category_id(f.category) for f in features], dtype=np.int64),
@@ -199,7 +207,7 @@ def image_attention_mass(attentions: Tensor, image_mask: Tensor) -> Tensor:  # [
     attentions: # [Q, S] head-averaged attention over S key positions (``StepOutput.attentions``)
     image_mask: # [T] bool, True at image positions among the first T <= S keys (the prompt)
     """
-    q_len, s_len = attentions.shape
+    s_len = attentions.shape[1]
     if image_mask.shape[0] > s_len:
         raise ValueError(f"image_mask covers {image_mask.shape[0]} positions but attention has "
                          f"only {s_len} keys")

@@ -30,9 +30,9 @@ then one flat object per record with the keys of ``TraceRecord.to_json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class TraceRecord:
                 "soft": self.soft, "hard": int(self.hard), "target_prob": self.target_prob}
 
     @staticmethod
-    def from_json(obj: dict) -> "TraceRecord":
+    def from_json(obj: dict) -> TraceRecord:
         feats = CandidateFeatures(float(obj["confidence"]), str(obj["category"]),
                                   float(obj["attention"]), int(obj["depth"]),
                                   float(obj["margin"]))
@@ -90,7 +90,7 @@ class TraceColumns:
         return getattr(self, kind).astype(np.float64)
 
     @staticmethod
-    def stack(records: Sequence[TraceRecord]) -> "TraceColumns":
+    def stack(records: Sequence[TraceRecord]) -> TraceColumns:
         return TraceColumns(
             features=FeatureArrays.stack([r.features for r in records]),
             soft=np.array([r.soft for r in records], dtype=np.float64),
