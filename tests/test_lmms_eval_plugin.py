@@ -186,12 +186,21 @@ def sd_models(tiny_paths: dict, noisy_drafts: dict) -> dict[str, Any]:
 GREEDY = {"until": ["\n\n"], "max_new_tokens": 24, "do_sample": False}
 
 
+def shared(model: Any, monkeypatch: pytest.MonkeyPatch, chat: bool = False,
+           stats: Path | None = None) -> Any:
+    """A shared model set, for one test only, to take chat or simple requests (the chat class
+    differs from the simple one in this flag alone) and to write its records to ``stats``."""
+    monkeypatch.setattr(model, "is_simple", not chat)
+    monkeypatch.setattr(model, "settings", dataclasses.replace(
+        model.settings, stats_path=None if stats is None else str(stats)))
+    return model
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_speculative_text_equals_autoregressive(sd_models: dict, tiny_paths: dict, family: str,
-                                                chat: bool, tmp_path: Path):
-    model = sd_models[family]
-    model.is_simple = not chat  # the chat class differs from the simple one in this flag only
-    model.settings = dataclasses.replace(model.settings, stats_path=str(tmp_path / "s.jsonl"))
+                                                chat: bool, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch):
+    model = shared(sd_models[family], monkeypatch, chat, tmp_path / "s.jsonl")
     out = model.generate_until(requests(chat, GREEDY))
     records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [r["doc_id"] for r in records] == [0, 1, 2]
@@ -206,26 +215,25 @@ def test_speculative_text_equals_autoregressive(sd_models: dict, tiny_paths: dic
     assert off.drafter is None
 
 
-def test_chat_and_simple_requests_build_the_same_prompt(sd_models: dict, family: str):
-    model = sd_models[family]
+def test_chat_and_simple_requests_build_the_same_prompt(sd_models: dict, family: str,
+                                                        monkeypatch: pytest.MonkeyPatch):
     texts = []
     for chat in (False, True):
-        model.is_simple = not chat
+        model = shared(sd_models[family], monkeypatch, chat)
         texts.append([o.text for o in model.generate_until(requests(chat, GREEDY, n=1))])
-    model.is_simple = True
     assert texts[0] == texts[1]
 
 
-def test_padding_duplicates_are_not_decoded_or_counted(sd_models: dict, tmp_path: Path):
-    model = sd_models["llava"]
-    model.settings = dataclasses.replace(model.settings, stats_path=str(tmp_path / "s.jsonl"))
+def test_padding_duplicates_are_not_decoded_or_counted(sd_models: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    model = shared(sd_models["llava"], monkeypatch, stats=tmp_path / "s.jsonl")
     out = model.generate_until(requests(False, GREEDY, n=2, pad=2))
     assert len(out) == 4 and out[2].text == out[3].text == "" and out[0].text
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
 
 
-def test_until_and_max_new_tokens_are_honoured(sd_models: dict):
-    model = sd_models["llava"]
+def test_until_and_max_new_tokens_are_honoured(sd_models: dict, monkeypatch: pytest.MonkeyPatch):
+    model = shared(sd_models["llava"], monkeypatch)
     full = model.generate_until(requests(False, {**GREEDY, "until": []}, n=1))[0]
     letters = re.search(r"[A-Za-z]{2}", full.text[3:])  # ASCII: decodes the same in any prefix
     assert letters, f"need an output with two ASCII letters after the start: {full.text!r}"
@@ -237,9 +245,9 @@ def test_until_and_max_new_tokens_are_honoured(sd_models: dict):
     assert short.token_counts.output_tokens == 5 and full.text.startswith(short.text)
 
 
-def test_sampling_requests_decode_and_skip_the_text_comparison(sd_models: dict, tmp_path: Path):
-    model = sd_models["qwen2_vl"]
-    model.settings = dataclasses.replace(model.settings, stats_path=str(tmp_path / "s.jsonl"))
+def test_sampling_requests_decode_and_skip_the_text_comparison(sd_models: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    model = shared(sd_models["qwen2_vl"], monkeypatch, stats=tmp_path / "s.jsonl")
     kwargs = {**GREEDY, "do_sample": True, "temperature": 0.8, "top_p": 0.9}
     first = [o.text for o in model.generate_until(requests(False, kwargs, n=2))]
     again = [o.text for o in model.generate_until(requests(False, kwargs, n=2))]
@@ -248,12 +256,12 @@ def test_sampling_requests_decode_and_skip_the_text_comparison(sd_models: dict, 
     assert all(r["greedy"] is False and r["text_match"] is None for r in records)
 
 
-def test_throughput_reaches_lmms_eval(sd_models: dict):
+def test_throughput_reaches_lmms_eval(sd_models: dict, monkeypatch: pytest.MonkeyPatch):
     from lmms_eval.models.model_utils.gen_metrics import (reset_logged_metrics,
                                                           summarize_logged_metrics)
 
     reset_logged_metrics()
-    out = sd_models["llava"].generate_until(requests(False, GREEDY))
+    out = shared(sd_models["llava"], monkeypatch).generate_until(requests(False, GREEDY))
     summary = summarize_logged_metrics()
     assert summary["total_gen_tokens"] == sum(o.token_counts.output_tokens for o in out)
     assert summary["avg_requests"] == 3 and summary["avg_mismatches"] == 0
@@ -263,9 +271,10 @@ def test_throughput_reaches_lmms_eval(sd_models: dict):
     assert summary["avg_tau"] > 1
 
 
-def test_num_beams_above_one_fails_the_request(sd_models: dict):
+def test_num_beams_above_one_fails_the_request(sd_models: dict, monkeypatch: pytest.MonkeyPatch):
+    model = shared(sd_models["llava"], monkeypatch)
     with pytest.raises(ValueError, match="num_beams=2"):
-        sd_models["llava"].generate_until(requests(False, {**GREEDY, "num_beams": 2}, n=1))
+        model.generate_until(requests(False, {**GREEDY, "num_beams": 2}, n=1))
 
 
 # ---------------------------------------------------------------------------- construction errors
