@@ -77,10 +77,11 @@ class _Cascade(SpeculativeLMM):
 
     def configure(self) -> None:
         if self.settings.tree != "cascade":
-            return super().configure()
-        if self.groups["tree"]:
+            super().configure()
+        elif self.groups["tree"]:
             raise ValueError(f"tree=cascade takes no settings, got {sorted(self.groups['tree'])}")
-        self.tree = CascadeBuilder()
+        else:
+            self.tree = CascadeBuilder()
 
     def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
         s = self.settings
@@ -89,7 +90,7 @@ class _Cascade(SpeculativeLMM):
         return CascadeDrafter(drafts, cfg), self.tree
 
     def request_extras(self) -> dict[str, Any]:
-        return {"cascade": asdict(self.drafter.counts())} if self.drafter is not None else {}
+        return {"cascade": asdict(self.drafter.counts())}
 
     def _member(self, path: str) -> Drafter:
         if path != "mag":
