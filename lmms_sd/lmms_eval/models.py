@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import check_same_vocab
+from ..calibration.online import CalibratedSettings, make_calibrated
 from ..core.generate import GenerationConfig, StepObserver
 from ..core.interfaces import Drafter
 from ..drafters.bigram import BigramTable
@@ -118,16 +119,12 @@ class _MSDCalibrated(SpeculativeLMM):
     GROUPS = ("cal",)
 
     def configure(self) -> None:
-        from ..calibration.online import CalibratedSettings  # TODO top-level once committed
-
         # The MSD head cannot report its image attention yet (recording.with_attention_tap
         # supports draft models only): attention features are 0 unless asked for explicitly.
         params = {"attention": "false", **self.groups["cal"]}
         self.calibration = from_mapping(CalibratedSettings, params, what="cal settings")
 
     def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
-        from ..calibration.online import make_calibrated
-
         drafter, builder, self.session = make_calibrated(
             _msd_drafter(self), self.calibration, self.target.tokenizer, self.target.vocab_size)
         return drafter, builder
