@@ -279,6 +279,16 @@ def test_num_beams_above_one_fails_the_request(sd_models: dict, monkeypatch: pyt
 
 # ---------------------------------------------------------------------------- construction errors
 
+def test_create_from_arg_string_takes_the_cli_settings(tiny_paths: dict):
+    """How lmms-eval builds the model: our raw model_args plus its batch_size/device/..."""
+    cls, target = model_class("llava"), tiny_paths["llava"]["target"]
+    cli = {"batch_size": "1", "max_batch_size": None, "device": None}
+    model = cls.create_from_arg_string(f"pretrained={target},sd=off,seed=0007", cli)
+    assert model.drafter is None and model.settings.seed == 7 and model.device.type == "cpu"
+    with pytest.raises(ValueError, match="batch_size must be 1"):
+        cls.create_from_arg_string(f"pretrained={target}", {**cli, "batch_size": "4"})
+
+
 def test_unknown_tree_name_and_parameter(tiny_paths: dict):
     target = tiny_paths["llava"]["target"]
     with pytest.raises(ValueError, match="unknown tree builder 'bush'"):
