@@ -1,0 +1,36 @@
+"""The package command line and the demo's command construction (the demo itself runs in CI
+through the README's first command, not here)."""
+from __future__ import annotations
+
+import pytest
+
+from lmms_sd import cli, demo
+
+
+def test_tasks_dir_lists_the_shipped_tasks(capsys):
+    assert cli.main(["tasks-dir"]) == 0
+    from pathlib import Path
+
+    path = Path(capsys.readouterr().out.strip())
+    assert (path / "shapes" / "shapes_caption.yaml").is_file()
+    assert (path / "sd_long" / "sd_coco_detail.yaml").is_file()
+
+
+def test_unknown_command_is_an_error(capsys):
+    assert cli.main(["bogus"]) == 2
+    assert "unknown command 'bogus'" in capsys.readouterr().err
+
+
+def test_demo_rejects_models_it_cannot_run():
+    with pytest.raises(ValueError, match="the demo runs one of"):
+        demo.command("llava_cascade", "shapes", 4, demo.Path("out"), 1)
+
+
+def test_summary_table_reads_results_json():
+    results = {"results": {"shapes_caption": {"content_acc,none": 0.9, "content_acc_stderr,none": 0.1}},
+               "throughput": {"avg_tau": 3.5, "avg_shapes_caption/tau": 3.5, "avg_speedup": 1.8,
+                              "avg_shapes_caption/speedup": 1.8, "avg_mismatches": 0}}
+    table = demo.summary_table(results)
+    row = next(line for line in table.splitlines() if line.startswith("| shapes_caption"))
+    assert "0.900" in row and "3.5" in row and "1.8" in row
+    assert table.splitlines()[-1].startswith("| all") and "| 0 |" in table.splitlines()[-1]
