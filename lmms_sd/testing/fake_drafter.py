@@ -11,7 +11,7 @@ forward each, as a draft model would spend); ``expand_sizes`` records each expan
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ class FakeDrafter:
         if key not in self._cache:
             gen = torch.Generator().manual_seed(hash((self.seed,) + key) & 0x7FFF_FFFF_FFFF_FFFF)
             self._cache[key] = self.scale * torch.randn(self.vocab_size, generator=gen)
-        return self._cache[key]
+        return self._cache[key].clone()
 
     def path(self, node: int) -> list[int]:
         """The tokens from the root's child down to expanded ``node`` of this step."""
@@ -56,7 +56,7 @@ class FakeDrafter:
     def root(self) -> Tensor:  # [V]
         self.forwards += 1
         self._paths = []
-        return self.logits_after(self.committed).clone()
+        return self.logits_after(self.committed)
 
     def expand(self, tokens: Tensor, parents: Tensor) -> Tensor:  # [m], [m] -> [m, V]
         if tokens.dim() != 1 or parents.shape != tokens.shape or len(tokens) == 0:

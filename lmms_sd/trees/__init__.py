@@ -8,12 +8,15 @@ opt       OptConfig(nodes, threshold, max_depth)     OPT-Tree with early stop
 
 Parameters may be strings (from a command line); they are converted to the type of the
 settings field. An unknown name or parameter, or a value that does not convert, is an error.
+Hooks that are not settings are passed to the builder itself, e.g. an acceptance calibrator
+for OPT-Tree: ``OptBuilder(OptConfig(...), score_fn=...)`` (see ``opt.py``).
 """
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .base import TreeBuilder
 from .chain import ChainBuilder, ChainConfig
@@ -68,6 +71,16 @@ def _convert(value: Any, kind: type, what: str) -> Any:
     raise ValueError(f"tree setting {what}: cannot read {value!r} as {kind.__name__}")
 
 
-__all__ = ["BUILDERS", "make_builder", "TreeBuilder", "ChainBuilder", "ChainConfig",
-           "StaticBuilder", "StaticConfig", "DynamicBuilder", "DynamicConfig", "OptBuilder",
-           "OptConfig"]
+__all__ = [
+    "BUILDERS",
+    "ChainBuilder",
+    "ChainConfig",
+    "DynamicBuilder",
+    "DynamicConfig",
+    "OptBuilder",
+    "OptConfig",
+    "StaticBuilder",
+    "StaticConfig",
+    "TreeBuilder",
+    "make_builder",
+]

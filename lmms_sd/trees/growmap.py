@@ -15,10 +15,11 @@ The last level of ``roots`` lists leaves only (all its branches are 0).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -47,12 +48,12 @@ class TreeShape:
             prev = p
 
     @staticmethod
-    def chain(k: int) -> "TreeShape":
+    def chain(k: int) -> TreeShape:
         """k nodes in a line."""
         return TreeShape(tuple(range(-1, k - 1)))
 
     @staticmethod
-    def from_widths(widths: Sequence[int]) -> "TreeShape":
+    def from_widths(widths: Sequence[int]) -> TreeShape:
         """Every node at depth d (0 = the root) gets ``widths[d]`` children; e.g. (4, 1, 1, 1) is
         Sequoia's "4x4-tree": four chains of four tokens."""
         parents: list[int] = []

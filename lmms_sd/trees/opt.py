@@ -19,8 +19,8 @@ clipped). Weights must not grow along a path for the kept set to be a tree; clip
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -14,13 +14,14 @@ runs the same search; it counts the root, we report accepted draft tokens (one l
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .growmap import TreeShape
+from .growmap import TreeShape, to_growmap
 
 NEG = -np.inf
 
@@ -32,6 +33,11 @@ class SequoiaPlan:
 
     shape: TreeShape
     expected_accept: float
+
+    @property
+    def growmap(self) -> dict[str, Any]:
+        """The shape in Sequoia's growmap format (``growmap.py``)."""
+        return to_growmap(self.shape)
 
 
 def shape_value(shape: TreeShape, acceptance: Sequence[float]) -> float:
@@ -115,18 +121,18 @@ def _breadth_first(root: list) -> list[int]:
 
 
 def load_acceptance(spec: str) -> tuple[float, ...]:
-    """An acceptance vector from "p0,p1,..." or from a Sequoia ``.pt`` file, which holds
-    [0, p_1, ..., p_w, p_none] (test_accept.py: a leading pad, then the rank frequencies, then
-    the frequency of rejecting every child)."""
+    """An acceptance vector from "p0,p1,..." (or "p0;p1;...": lmms-eval splits model_args on
+    commas) or from a Sequoia ``.pt`` file, which holds [0, p_1, ..., p_w, p_none]
+    (``tests/test_accept.py``: a pad, the rank frequencies, the frequency of no acceptance)."""
     if spec.endswith(".pt"):
         vec = torch.load(spec, map_location="cpu", weights_only=True)
         out = tuple(float(x) for x in torch.as_tensor(vec).flatten()[1:-1])
     else:
         try:
-            out = tuple(float(x) for x in spec.split(","))
+            out = tuple(float(x) for x in spec.replace(";", ",").split(","))
         except ValueError:
-            raise ValueError(f"acceptance {spec!r} is neither a .pt file nor comma-separated "
-                             "floats") from None
+            raise ValueError(f"acceptance {spec!r} is neither a .pt file nor floats separated "
+                             "by ',' or ';'") from None
     if not out or min(out) < 0 or sum(out) > 1 + 1e-6:
         raise ValueError(f"acceptance {spec!r}: need probabilities summing to at most 1")
     return out

@@ -27,9 +27,10 @@ from .sequoia_dp import load_acceptance, sequoia_plan
 
 @dataclass(frozen=True)
 class StaticConfig:
-    """growmap: path of a Sequoia growmap (.pt). acceptance: a measured acceptance vector,
-    "p0,p1,..." or a Sequoia .pt file; without a growmap the shape is Sequoia's DP optimum for
-    ``budget`` draft nodes and depth ``max_depth``; with one it only sets the node scores.
+    """growmap: path of a Sequoia growmap (.pt).
+    acceptance: a measured acceptance vector, "p0,p1,..." (or "p0;p1;...") or a Sequoia .pt
+        file. Without a growmap the shape is Sequoia's DP optimum for ``budget`` draft nodes
+        and depth ``max_depth``; with one, the vector only sets the node scores.
     sample_children: in sampling mode, sample children (True) or take the top-b (False)."""
 
     growmap: str = ""
@@ -58,7 +59,7 @@ class StaticBuilder:
     sample_children: bool = True
 
     @staticmethod
-    def from_config(cfg: StaticConfig) -> "StaticBuilder":
+    def from_config(cfg: StaticConfig) -> StaticBuilder:
         acc = load_acceptance(cfg.acceptance) if cfg.acceptance else None
         if cfg.growmap:
             shape = load_growmap(cfg.growmap)
@@ -109,7 +110,8 @@ class StaticBuilder:
 def _children(q: Tensor, b: int, sampled: bool, generator: torch.Generator | None) -> list[int]:
     """b distinct tokens from q # [V]: drawn without replacement, or the top b."""
     b = min(b, int((q > 0).sum()))
-    if sampled:
+    if sampled:  # on the generator's device: a CPU generator cannot drive a CUDA kernel
+        q = q if generator is None else q.to(generator.device)
         return torch.multinomial(q, b, replacement=False, generator=generator).tolist()
     return torch.topk(q, b).indices.tolist()
 
