@@ -236,6 +236,18 @@ def test_builder_contract(name: str, params: dict, size: int, depth: int | None,
     check_tree(tree, drafter, sampling)
 
 
+@pytest.mark.parametrize("name,params,size,depth,calls", BUILDERS, ids=[b[0] for b in BUILDERS])
+def test_builders_under_top_p_top_k(name: str, params: dict, size: int, depth: int | None,
+                                    calls: list[int]) -> None:
+    # filtered draft distributions: no child of zero probability, never more nodes than asked
+    sampling = SamplingConfig(temperature=0.7, top_p=0.6, top_k=3)
+    for seed in range(3):
+        drafter = FakeDrafter(vocab_size=V, seed=seed)
+        tree = make_builder(name, **params)(drafter, sampling, torch.Generator().manual_seed(0))
+        assert 0 < len(tree) <= size
+        check_tree(tree, drafter, sampling)
+
+
 @pytest.mark.parametrize("name,params", [(b[0], b[1]) for b in BUILDERS[:1] + BUILDERS[2:]],
                          ids=["chain", "dynamic", "opt"])
 def test_scores_are_draft_path_probabilities(name: str, params: dict) -> None:
