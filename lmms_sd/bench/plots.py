@@ -131,9 +131,11 @@ def _layout(pieces: list[str], width: int) -> list[tuple[int, int, str]]:
 
 def plot_trajectories(path: str | Path, records: Sequence[Record], decode: Decode,
                       max_samples: int = 8, width: int = 100, fontsize: float = 8.0) -> Path:
-    """(a) One block per sample: its decoded tokens on a character grid, coloured by origin."""
+    """(a) One block per sample: its decoded tokens on a character grid, coloured by origin.
+    Samples are ordered by (task, doc_id, label), so the labels of one prompt sit together."""
+    ordered = sorted(records, key=lambda r: (r.get("task", ""), r.get("doc_id", 0), r["label"]))
     samples = [(r, _layout([_piece(decode(t)) for t in r["stats"]["tokens"]], width))
-               for r in records[:max_samples]]
+               for r in ordered[:max_samples]]
     if not samples:
         raise ValueError("no records to draw")
     char_w, line_h = 0.6021 * fontsize / 72, 1.9 * fontsize / 72  # inches, DejaVu Sans Mono
