@@ -116,6 +116,7 @@ def test_llava_7b_shape_maps_to_the_decoder_config():
     shape = efficiency.SHAPES["llava-7b"]
     assert (shape.hidden, shape.layers, shape.heads, shape.intermediate, shape.vocab) == (
         4096, 32, 32, 11008, 32064)
+    assert 6.7e9 < shape.parameters() < 6.8e9  # LLaVA-1.5-7B's language model: 6.74B
     small = dataclasses.replace(shape, hidden=64, intermediate=96, vocab=700)  # 32 heads of 2
     target = efficiency.build_shape_target(small, layers=1)
     cfg = target.model.config

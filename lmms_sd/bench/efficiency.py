@@ -304,6 +304,12 @@ class DecoderShape:
     vocab: int
     max_positions: int = 4096
 
+    def parameters(self, layers: int | None = None) -> int:
+        """About how many weights (embeddings, lm_head, attention and MLP; norms left out)."""
+        kv = self.hidden * self.kv_heads // self.heads
+        layer = 2 * self.hidden * (self.hidden + kv) + 3 * self.hidden * self.intermediate
+        return 2 * self.vocab * self.hidden + (self.layers if layers is None else layers) * layer
+
 
 SHAPES: dict[str, DecoderShape] = {
     # LLaVA-1.5-7B's language model: Vicuna-7B (Llama-2 7B), vocabulary padded to 32064 by llava-hf
@@ -312,6 +318,9 @@ SHAPES: dict[str, DecoderShape] = {
     # a few-MB stand-in to exercise the path on any machine
     "tiny": DecoderShape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512),
 }
+
+
+CPU_PARAMETERS = 10**9  # a whole stack above this needs --layers on a CPU
 
 
 def build_shape_target(shape: DecoderShape, *, layers: int | None = None,
@@ -426,10 +435,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = EfficiencyConfig(tuple(args.alphas), tuple(args.k), args.max_new_tokens, args.repeats,
                            args.step_repeats, args.warmup)
     if args.shape is not None:
-        if torch.device(args.device).type == "cpu" and args.shape != "tiny" and args.layers is None:
-            raise SystemExit(f"--shape {args.shape} on a CPU needs --layers N (a truncated stack); "
-                             "a CPU run of this shape only checks that the code runs")
-        target = build_shape_target(SHAPES[args.shape], layers=args.layers, device=args.device)
+        shape = SHAPES[args.shape]
+        if torch.device(args.device).type == "cpu" and args.layers is None and \
+                shape.parameters() > CPU_PARAMETERS:
+            raise SystemExit(f"--shape {args.shape} on a CPU needs --layers N (a truncated "
+                             "stack); a CPU run of this shape only checks that the code runs")
+        target = build_shape_target(shape, layers=args.layers, device=args.device)
         name = f"{args.shape} random weights" + (f", {args.layers} layers" if args.layers else "")
     else:
         from ..adapters.loading import load_adapter
