@@ -56,7 +56,10 @@ def logits_to_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
 
 
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> int:
-    """Draw one token id from a # [V] distribution."""
+    """Draw one token id from a # [V] distribution (on the generator's device, so a CPU
+    generator can drive sampling from GPU tensors)."""
+    if generator is not None:
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
