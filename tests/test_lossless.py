@@ -14,7 +14,7 @@ import torch
 from lmms_sd.adapters import HFAdapter
 from lmms_sd.core.generate import GenerationConfig, generate
 from lmms_sd.core.interfaces import PromptInputs
-from lmms_sd.drafters.cascade import CascadeBuilder, CascadeConfig, CascadeDrafter
+from lmms_sd.drafters.cascade import CascadeConfig, CascadeDrafter
 from lmms_sd.drafters.model import ModelDrafter
 from lmms_sd.drafters.ngram import MaGDrafter
 from lmms_sd.testing.scripted import ScriptedDrafter
@@ -101,7 +101,7 @@ def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_a
     adapters = tiny_adapters[family]
     target = adapters["target"]
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
-    builder = CascadeBuilder() if row.tree == "cascade" else make_builder(row.tree, **dict(row.params))
+    builder = make_builder(row.tree, **dict(row.params))
     for prompt, reference in references[family]:
         drafter = make_drafter(row.drafter, adapters, reference)
         result = generate(target, prompt, cfg, drafter, builder, decode=target.decode)

@@ -5,6 +5,7 @@ chain     ChainConfig(k)                             k tokens in a line
 static    StaticConfig(growmap, acceptance, ...)     a fixed Sequoia shape
 dynamic   DynamicConfig(depth, top_k, total_tokens)  EAGLE-2's best-first tree (MSD)
 opt       OptConfig(nodes, threshold, max_depth)     OPT-Tree with early stop
+cascade   CascadeTreeConfig()                        a CascadeDrafter's own chain (CS Drafting)
 
 Parameters may be strings (from a command line); they are converted to the type of the
 settings field. An unknown name or parameter, or a value that does not convert, is an error.
@@ -24,11 +25,23 @@ from .dynamic import DynamicBuilder, DynamicConfig
 from .opt import OptBuilder, OptConfig
 from .static import StaticBuilder, StaticConfig
 
+@dataclasses.dataclass(frozen=True)
+class CascadeTreeConfig:
+    """No settings: the chain's length is the cascade's (its ``k_matrix``)."""
+
+
+def _cascade_builder(cfg: CascadeTreeConfig) -> TreeBuilder:
+    from ..drafters.cascade import CascadeBuilder  # deferred: drafters build on trees' core
+
+    return CascadeBuilder()
+
+
 BUILDERS: dict[str, tuple[type, Callable[[Any], TreeBuilder]]] = {
     "chain": (ChainConfig, ChainBuilder),
     "static": (StaticConfig, StaticBuilder.from_config),
     "dynamic": (DynamicConfig, DynamicBuilder),
     "opt": (OptConfig, OptBuilder),
+    "cascade": (CascadeTreeConfig, _cascade_builder),
 }
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
