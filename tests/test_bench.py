@@ -16,7 +16,8 @@ def llava_models(tiny_adapters):
 def test_bench_rows_are_consistent(llava_models):
     prompts = bench.shapes_prompts(llava_models["target"], 2)
     methods = ["ar", "oracle:chain:k=3", "draft_vlm:chain:k=2", "text_only:dynamic:depth=2;top_k=2;total_tokens=4"]
-    rows = bench.run(llava_models, prompts, methods, max_new_tokens=10, repeats=2, hf=True)
+    rows, records = bench.run(llava_models, prompts, methods, max_new_tokens=10, repeats=2, hf=True)
+    assert [r["method"] for r in records] == [m for m in methods for _ in prompts]
     names = [r["method"] for r in rows]
     assert names == methods + ["hf_generate", "hf_assisted(draft_vlm)"]
     by = {r["method"]: r for r in rows}
@@ -45,6 +46,9 @@ def test_bench_cli_writes_json_and_markdown(tiny_paths, tmp_path):
     assert [r["method"] for r in data["rows"]] == ["ar", "draft_vlm:chain:k=2"]
     assert data["meta"]["items"] == 1 and "torch" in data["meta"]["machine"]
     assert (tmp_path / "bench.md").read_text().count("\n|") >= 3
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["ar", "draft_vlm:chain:k=2"]
+    assert records[1]["stats"]["new_tokens"] == len(records[1]["stats"]["tokens"])
 
 
 def test_method_spec_errors():

@@ -66,7 +66,7 @@ def _time_loop(target: Any, prompts: Sequence[PromptInputs], cfg: GenerationConf
             method.drafter, models, refs[i] if refs else None, alpha, seed=i)
         res = generate(target, prompt, cfg, drafter, builder, target.decode)
         wall += res.stats.wall_time
-        records.append({"stats": sample_stats(res)})
+        records.append({"method": method.name, "doc_id": i, "stats": sample_stats(res)})
         outputs.append(res.tokens)
     return wall, records, outputs
 
@@ -91,8 +91,10 @@ def _time_hf(target: Any, prompts: Sequence[PromptInputs], cfg: GenerationConfig
 
 
 def run(models: dict[str, Any], prompts: Sequence[PromptInputs], methods: Sequence[str],
-        max_new_tokens: int, repeats: int, hf: bool = False, alpha: float = 1.0) -> list[dict]:
-    """One row per method (see ``COLUMNS``); ``ar`` is always run first as the reference."""
+        max_new_tokens: int, repeats: int, hf: bool = False,
+        alpha: float = 1.0) -> tuple[list[dict], list[dict]]:
+    """One row per method (see ``COLUMNS``) and the per-sample records of each method's last
+    repeat; ``ar`` is always run first as the reference."""
     target = models["target"]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=target.eos_token_ids)
     specs = ["ar"] + [m for m in methods if m != "ar"]
@@ -106,7 +108,7 @@ def run(models: dict[str, Any], prompts: Sequence[PromptInputs], methods: Sequen
         if "draft_vlm" in models:
             jobs.append(("hf_assisted(draft_vlm)", lambda: (*_no_records(
                 _time_hf(target, prompts, cfg, models["draft_vlm"])),)))
-    rows, ar_wall = [], None
+    rows, ar_wall, all_records = [], None, []
     for name, job in tqdm(jobs, desc="methods"):
         walls = []
         for _ in range(repeats):
@@ -117,7 +119,8 @@ def run(models: dict[str, Any], prompts: Sequence[PromptInputs], methods: Sequen
         wall = statistics.median(walls)
         ar_wall = ar_wall or wall
         rows.append(_row(name, wall, walls, records, outputs, refs, ar_wall))
-    return rows
+        all_records += records or []
+    return rows, all_records
 
 
 def _no_records(res: tuple[float, list[list[int]]]) -> tuple[float, None, list[list[int]]]:
@@ -170,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     models = load_models(args.family, {r: getattr(args, r) for r in ("target", "draft_vlm", "text_only")})
     prompts = shapes_prompts(models["target"], args.items)
-    rows = run(models, prompts, args.methods, args.max_new_tokens, args.repeats, args.hf, args.alpha)
+    rows, records = run(models, prompts, args.methods, args.max_new_tokens, args.repeats, args.hf,
+                        args.alpha)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"family": args.family, "items": args.items, "max_new_tokens": args.max_new_tokens,
@@ -179,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     md = to_markdown(rows, f"{args.family}, {args.items} shapes describe prompts, "
                            f"max {args.max_new_tokens} new tokens, median of {args.repeats}; {meta['machine']}\n")
     (out / "bench.md").write_text(md)
+    with (out / "records.jsonl").open("w") as f:  # per-sample stats of the last repeat
+        f.writelines(json.dumps(r) + "\n" for r in records)
     print(md)
 
 

@@ -91,6 +91,7 @@ class GenerationStats:
             "tokens_per_second": self.tokens_per_second,
             "accepted_per_step": [s.accepted for s in self.steps],
             "tree_size_per_step": [s.tree_size for s in self.steps],
+            "tree_depth_per_step": [s.tree_depth for s in self.steps],
             "expected_accept_per_step": [s.expected_accept for s in self.steps],
             "origin": "".join("d" if o == DRAFT else "t" for o in self.origin),
         }
