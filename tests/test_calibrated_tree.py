@@ -29,6 +29,7 @@ from lmms_sd.calibration.recording import AttentionTap, TraceObserver, TracingDr
 from lmms_sd.calibration.traces import TraceColumns, TraceRecord, read_traces
 from lmms_sd.core.generate import GenerationConfig, generate
 from lmms_sd.core.interfaces import PromptInputs
+from lmms_sd.core.sampling import SamplingConfig
 from lmms_sd.drafters.model import ModelDrafter
 from lmms_sd.testing.scripted import ScriptedDrafter
 from lmms_sd.trees.opt import OptBuilder, OptConfig
@@ -294,6 +295,26 @@ def test_session_plans_calibration_requests_per_task(tiny_adapters, references) 
         CalibratedSettings(train_ratio=0.0)
     with pytest.raises(ValueError, match="label"):
         CalibratedSettings(label="sometimes")
+
+
+def test_sampled_decoding_fits_the_target_prob_label(tiny_adapters, references) -> None:
+    """Under sampling the tree's children are still deterministic, so auto picks the
+    target_prob label; the calibrated tree then decodes with stochastic verification."""
+    target = tiny_adapters["qwen2_vl"]["target"]
+    prompt, reference = references["qwen2_vl"][2]
+    settings = CalibratedSettings(nodes=4, max_depth=3, train_ratio=0.5, attention=False,
+                                  min_samples=10)
+    drafter, builder, session = make_calibrated(ScriptedDrafter(reference, 2, target.vocab_size),
+                                                settings, target.tokenizer, target.vocab_size)
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids,
+                           sampling=SamplingConfig(temperature=0.7), seed=3)
+    session.plan({"s": 2})
+    for _ in range(2):
+        phase = session.start_request("s", cfg.sampling)
+        result = generate(target, prompt, cfg, drafter, builder, target.decode, session.observe)
+        assert 1 <= len(result.tokens) <= MAX_NEW
+    assert phase.calibrated and session.calibrators["s"].label == "target_prob"
+    assert all(0.0 <= r.target_prob <= 1.0 for r in session.traces("s"))
 
 
 def test_offline_calibrator_round_trip_and_guards(tiny_adapters, eager_drafts, tiny_traces,
