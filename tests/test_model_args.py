@@ -139,3 +139,13 @@ def test_stop_strings_and_cut():
         stop_strings(3)
     assert cut_at_stop("one two\n\nthree###", ("###", "\n\n")) == "one two"
     assert cut_at_stop("no stop here", ("###",)) == "no stop here"
+
+
+def test_msd_model_path_is_the_seeds_name_for_draft():
+    from lmms_sd.lmms_eval.args import MSDArgs, MSDCalibratedArgs, from_mapping
+
+    for cls in (MSDArgs, MSDCalibratedArgs):
+        assert from_mapping(cls, {"pretrained": "t", "msd_model_path": "h"}).draft == "h"
+        assert from_mapping(cls, {"pretrained": "t", "draft": "h"}).draft == "h"
+        with pytest.raises(ValueError, match="two different heads"):
+            from_mapping(cls, {"pretrained": "t", "draft": "g", "msd_model_path": "h"})

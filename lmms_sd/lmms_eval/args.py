@@ -93,32 +93,45 @@ class SDArgs(CommonArgs):
 
 
 @dataclass(frozen=True)
-class MSDArgs(CommonArgs):
-    """``*_msd``: an MSD / EAGLE-2 draft head on the target's features.
+class _HeadArgs(CommonArgs):
+    """The draft-head keys shared by ``*_msd`` and ``*_msd_calibrated``.
 
     draft:            the head: a folder (or hub id) in the published EAGLE/MSD layout.
-    tree:             tree builder name, default ``dynamic`` (EAGLE-2's tree, MSD's defaults).
+    msd_model_path:   the same, under the name the MSD code uses (give one of the two).
     positions:        ``target`` (the target's exact positions, M-RoPE included) or
                       ``sequential`` (1-D positions, as MSD's Qwen2-VL head was trained).
     check_embeddings: compare the head's stored embedding with the target's.
     """
 
     draft: str | None = None
-    tree: str = "dynamic"
+    msd_model_path: str | None = None
     positions: str = "target"
     check_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.draft and self.msd_model_path and self.draft != self.msd_model_path:
+            raise ValueError(f"draft={self.draft!r} and msd_model_path={self.msd_model_path!r} "
+                             "name two different heads; give one")
+        if not self.draft:
+            object.__setattr__(self, "draft", self.msd_model_path)
 
 
 @dataclass(frozen=True)
-class MSDCalibratedArgs(CommonArgs):
+class MSDArgs(_HeadArgs):
+    """``*_msd``: an MSD / EAGLE-2 draft head on the target's features (keys of ``_HeadArgs``).
+
+    tree:             tree builder name, default ``dynamic`` (EAGLE-2's tree, MSD's defaults).
+    """
+
+    tree: str = "dynamic"
+
+
+@dataclass(frozen=True)
+class MSDCalibratedArgs(_HeadArgs):
     """``*_msd_calibrated``: the MSD head under the Calibrated OPT-Tree. The tree is fixed; its
     and the calibrator's settings go in ``cal.<key>=`` (``CalibratedSettings``: nodes,
-    max_depth, threshold, train_ratio, calibrator, label, ...). ``draft``, ``positions`` and
-    ``check_embeddings`` as for ``MSDArgs``."""
-
-    draft: str | None = None
-    positions: str = "target"
-    check_embeddings: bool = True
+    max_depth, threshold, train_ratio, calibrator, label, ...). Head keys as ``_HeadArgs``."""
 
 
 @dataclass(frozen=True)
