@@ -1,0 +1,93 @@
+"""The optimisation loop shared by every trainer: AdamW, linear warmup then cosine decay.
+
+A trainer supplies a loss function of a ``Batch`` and a batch source indexed by step; the loop
+owns seeds, the schedule, gradient clipping, the progress bar and the loss history.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..data.shapes import ShapesItem, make_items
+from .data import Batch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1    # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.01   # on matrices only, not on norms and biases
+    grad_clip: float = 1.0
+    seed: int = 0                # model init and data stream
+    log_every: int = 25          # steps per loss-history entry
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, "
+                             f"{self.batch_size}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step`` (0-based): warmup to 1, cosine to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps - 1)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_items(step: int, batch_size: int, seed: int) -> list[ShapesItem]:
+    """The training items of one step: fresh scenes every step, reproducible from the seed."""
+    return make_items(batch_size, seed=seed * 1_000_000 + step, split="train")
+
+
+def _optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def run_training(model: nn.Module, loss_fn: Callable[[Batch], Tensor],
+                 batch_at: Callable[[int], Batch], cfg: OptimConfig, desc: str) -> dict:
+    """Train ``model`` in place for ``cfg.steps`` steps; return the loss history and timing.
+
+    batch_at(step) -> the step's batch; loss_fn(batch) -> a scalar loss with a graph."""
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    model.train()
+    history: list[dict] = []
+    window: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=desc, mininterval=10)
+    for step in bar:
+        loss = loss_fn(batch_at(step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        window.append(float(loss.detach()))
+        if len(window) == cfg.log_every or step + 1 == cfg.steps:
+            history.append({"step": step + 1, "loss": sum(window) / len(window)})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            window = []
+    model.eval()
+    return {"optim": cfg.to_dict(), "loss_history": history,
+            "final_loss": history[-1]["loss"], "train_seconds": time.perf_counter() - t0}

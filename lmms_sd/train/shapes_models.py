@@ -1,0 +1,206 @@
+"""The whole recipe of the shipped shapes models: tokenizer -> target -> drafts -> eval.
+
+    python -m lmms_sd.train.shapes_models --family llava --out lmms_sd/assets/shapes/llava \
+        --cards model_cards
+
+writes under ``--out``::
+
+    target/ draft_vlm/ text_only/   save_pretrained weights (safetensors) + processor/tokenizer
+    metrics.json                    recipe, parameter counts, training records, measured figures
+
+``metrics.json`` keeps one entry per role under ``models``; a later trainer (e.g. an MSD head)
+adds its own role with ``update_metrics`` without touching the others. ``--stages`` retrains
+only some roles (the others are loaded from ``--out``); every present role is re-evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import transformers
+from transformers import PreTrainedModel
+
+from ..adapters.loading import load_adapter, load_processor
+from ..data.shapes import corpus_texts
+from ..testing.tiny import FAMILIES, llava_processor, qwen2_vl_processor, train_tokenizer
+from .cards import write_model_cards
+from .distill import TextLMShape, build_text_lm, distill_draft, init_from_target
+from .evaluate import (content_accuracy, eval_items, greedy_outputs, model_accuracy,
+                       speculative)
+from .loop import OptimConfig
+from .target import VLMShape, build_vlm, count_parameters, train_target
+
+ROLES = ("target", "draft_vlm", "text_only")
+METRICS = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    family: str
+    vocab_size: int = 448
+    tokenizer_items: int = 2000                   # training items whose texts train the BPE
+    target: VLMShape = VLMShape()
+    draft_vlm: VLMShape = VLMShape(layers=1, width=64, heads=2)
+    text_only: TextLMShape = TextLMShape()
+    target_optim: OptimConfig = OptimConfig(steps=600, seed=0)
+    draft_optim: OptimConfig = OptimConfig(steps=300, seed=1)
+    text_only_optim: OptimConfig = OptimConfig(steps=300, seed=2)
+    k: int = 6                                    # chain length of the tau measurement
+    eval_describe: int = 48                       # held-out items: the shapes_caption ...
+    eval_qa: int = 48                             # ... and shapes_qa parquet items
+    extra: dict = field(default_factory=dict)     # free-form notes recorded in metrics.json
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+
+
+# ---------------------------------------------------------------------------- building blocks
+def make_processor(recipe: Recipe) -> Any:
+    tok = train_tokenizer(corpus_texts(recipe.tokenizer_items), recipe.vocab_size, recipe.family)
+    return (llava_processor if recipe.family == "llava" else qwen2_vl_processor)(tok)
+
+
+def _save(model: PreTrainedModel, processor: Any, path: Path) -> None:
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def _language_parameters(model: PreTrainedModel) -> int:
+    inner = getattr(model.model, "language_model", model.model)
+    return count_parameters(inner) + count_parameters(model.get_output_embeddings())
+
+
+def read_metrics(out: Path) -> dict:
+    path = Path(out) / METRICS
+    return json.loads(path.read_text()) if path.is_file() else {"models": {}}
+
+
+def update_metrics(out: Path, role: str, entry: dict, **top_level: Any) -> dict:
+    """Merge ``entry`` into ``models[role]`` of ``out/metrics.json`` (and any top-level keys)."""
+    metrics = read_metrics(out)
+    metrics.update(top_level)
+    metrics["models"].setdefault(role, {}).update(entry)
+    (Path(out) / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+# ---------------------------------------------------------------------------- stages
+def train_target_stage(recipe: Recipe, out: Path) -> dict:
+    processor = make_processor(recipe)
+    model = build_vlm(recipe.family, processor.tokenizer, recipe.target, recipe.target_optim.seed)
+    record = train_target(model, processor, recipe.target_optim)
+    _save(model, processor, out / "target")
+    return {"architecture": recipe.target.to_dict(), "parameters": count_parameters(model),
+            "language_model_parameters": _language_parameters(model), "train": record}
+
+
+def train_draft_stage(recipe: Recipe, out: Path, role: str) -> dict:
+    target = load_adapter(out / "target").model
+    processor = load_processor(out / "target")
+    tok = processor.tokenizer
+    if role == "draft_vlm":
+        shape, cfg = recipe.draft_vlm, recipe.draft_optim
+        draft = build_vlm(recipe.family, tok, shape, cfg.seed)
+    else:
+        shape, cfg = recipe.text_only, recipe.text_only_optim
+        draft = build_text_lm(recipe.family, tok, shape, cfg.seed)
+    init = init_from_target(draft, target, vision=role == "draft_vlm")
+    record = distill_draft(draft, target, processor, cfg, text_only=role == "text_only")
+    _save(draft, processor if role == "draft_vlm" else tok, out / role)
+    lm_params = count_parameters(draft) if role == "text_only" else _language_parameters(draft)
+    return {"architecture": shape.to_dict(), "parameters": count_parameters(draft),
+            "language_model_parameters": lm_params, "init_from_target": init, "train": record}
+
+
+def evaluate_stage(recipe: Recipe, out: Path) -> dict[str, dict]:
+    """Measured figures of every saved role, loaded from disk as users load them."""
+    items = eval_items(recipe.eval_describe, recipe.eval_qa)
+    target = load_adapter(out / "target")
+    reference = greedy_outputs(target, items)
+    text = [target.decode(r) for r in reference]
+    results = {"target": {"eval": content_accuracy(text, items).to_dict()}}
+    for role in ("draft_vlm", "text_only"):
+        if not (out / role / "config.json").is_file():
+            continue
+        draft = load_adapter(out / role, role="draft")
+        text_only = role == "text_only"
+        results[role] = {"eval": {
+            **model_accuracy(draft, items, text_only=text_only).to_dict(),
+            "speculative": speculative(target, draft, items, recipe.k, text_only,
+                                       reference).to_dict()}}
+    return results
+
+
+# ---------------------------------------------------------------------------- CLI
+def run(recipe: Recipe, out: Path, stages: Sequence[str], command: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        if stage == "target":
+            entry = train_target_stage(recipe, out)
+        else:
+            entry = train_draft_stage(recipe, out, stage)
+        update_metrics(out, stage, entry)
+    for role, entry in evaluate_stage(recipe, out).items():
+        update_metrics(out, role, entry)
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    return update_metrics(out, "target", {}, family=recipe.family, command=command,
+                          environment=env, eval_items=f"eval_items({recipe.eval_describe}, "
+                          f"{recipe.eval_qa}, seed=0): held-out test-split shapes items",
+                          k=recipe.k)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmms_sd.train.shapes_models",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", required=True, choices=FAMILIES)
+    parser.add_argument("--out", required=True, type=Path, help="directory of the model suite")
+    parser.add_argument("--stages", default=",".join(ROLES),
+                        help=f"comma-separated roles to train, from {ROLES}")
+    parser.add_argument("--target-steps", type=int, default=None)
+    parser.add_argument("--draft-steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--cards", type=Path, default=None,
+                        help="also write the model cards into this directory")
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    for s in stages:
+        if s not in ROLES:
+            raise SystemExit(f"unknown stage {s!r}; expected roles from {ROLES}")
+    torch.set_num_threads(args.threads)
+    recipe = _recipe_from_args(args)
+    argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    metrics = run(recipe, args.out, stages, f"python -m lmms_sd.train.shapes_models {argv_text}")
+    if args.cards is not None:
+        write_model_cards(metrics, args.cards)
+    print(json.dumps({r: m.get("eval") for r, m in metrics["models"].items()}, indent=2))
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Recipe:
+    base = Recipe(args.family)
+    if args.target_steps is not None:
+        base = _with_steps(base, "target_optim", args.target_steps)
+    if args.draft_steps is not None:
+        base = _with_steps(_with_steps(base, "draft_optim", args.draft_steps),
+                           "text_only_optim", args.draft_steps)
+    return base
+
+
+def _with_steps(recipe: Recipe, name: str, steps: int) -> Recipe:
+    optim = getattr(recipe, name)
+    warmup = min(optim.warmup_steps, max(0, steps // 10))
+    return replace(recipe, **{name: replace(optim, steps=steps, warmup_steps=warmup)})
+
+
+if __name__ == "__main__":
+    main()
