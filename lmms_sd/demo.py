@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .assets import shipped_model
 from .lmms_eval import tasks_dir
 
 DRAFT_ROLE = {"llava_msd": "msd_head", "qwen2_vl_msd": "msd_head", "llava_sd": "draft_vlm",
@@ -30,6 +29,8 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 def command(model: str, tasks: str, limit: int | None, out: Path, processes: int,
             extra_args: str = "") -> list[str]:
     """The accelerate + lmms-eval command line of the demo."""
+    from .assets import shipped_model
+
     family = "qwen2_vl" if model.startswith("qwen2_vl") else "llava"
     if model not in DRAFT_ROLE:
         raise ValueError(f"the demo runs one of {sorted(DRAFT_ROLE)}, not {model!r}")
