@@ -31,17 +31,6 @@ def hf_logits(adapter: HFAdapter, prompt: PromptInputs) -> torch.Tensor:  # [T, 
     return adapter.model(input_ids=prompt.input_ids[None], **prompt.model_kwargs).logits[0]
 
 
-def hf_greedy(adapter: HFAdapter, prompt: PromptInputs, n: int) -> list[int]:
-    """``model.generate(do_sample=False)``: the new tokens, stopping at EOS like ``generate``."""
-    ids = prompt.text_only_ids() if adapter.family == "causal_lm" else prompt.input_ids
-    extra = {} if adapter.family == "causal_lm" else prompt.model_kwargs
-    out = adapter.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
-                                 **extra, max_new_tokens=n, do_sample=False,
-                                 eos_token_id=list(adapter.eos_token_ids),
-                                 pad_token_id=adapter.tokenizer.pad_token_id)
-    return out[0, len(ids):].tolist()
-
-
 def random_tree(vocab: int, seed: int) -> DraftTree:
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (len(TREE_PARENTS),), generator=gen)
@@ -147,7 +136,7 @@ def test_incremental_decode_matches_hf(target: HFAdapter, prompts: list[PromptIn
         while len(tokens) < n and (not tokens or tokens[-1] not in target.eos_token_ids):
             tokens.append(int(logits[-1].argmax()))
             logits.append(target.forward(torch.tensor([tokens[-1]])).logits[-1])
-        assert tokens == hf_greedy(target, prompt, n)
+        assert tokens == target.hf_generate(prompt, n)
         assert len(tokens) >= 20, "a weak test: the model stopped early"
         full = hf_logits(target, extend_prompt(prompt, torch.tensor(tokens)))
         T = len(prompt.input_ids)
@@ -223,7 +212,7 @@ def test_generate_without_drafter_is_hf_greedy(target: HFAdapter,
     for prompt in prompts:
         cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=target.eos_token_ids)
         result = generate(target, prompt, cfg)
-        assert result.tokens == hf_greedy(target, prompt, n)
+        assert result.tokens == target.hf_generate(prompt, n)
         assert result.stats.target_forwards == len(result.tokens)
 
 

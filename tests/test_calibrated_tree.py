@@ -38,16 +38,6 @@ MAX_NEW = 20
 SMALL_OPT = OptConfig(nodes=8, threshold=0.0, max_depth=4)
 
 
-def hf_greedy(target: HFAdapter, prompt: PromptInputs, max_new: int) -> list[int]:
-    """The target's own greedy output through ``transformers``' ``generate``."""
-    ids = prompt.input_ids[None]
-    out = target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                **prompt.model_kwargs, max_new_tokens=max_new, do_sample=False,
-                                eos_token_id=list(target.eos_token_ids),
-                                pad_token_id=target.tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
-
-
 @pytest.fixture(scope="module")
 def eager_drafts(tiny_paths) -> dict[str, HFAdapter]:
     """The tiny draft VLMs with eager attention, so their image attention can be read."""
@@ -63,7 +53,7 @@ def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]
     for family, adapters in tiny_adapters.items():
         target = adapters["target"]
         prompts = [target.prepare(text, images) for text, images in PROMPT_SPECS]
-        refs[family] = [(p, hf_greedy(target, p, MAX_NEW)) for p in prompts]
+        refs[family] = [(p, target.hf_generate(p, MAX_NEW)) for p in prompts]
     return refs
 
 

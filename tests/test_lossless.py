@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import pytest
-import torch
 
 from lmms_sd.adapters import HFAdapter
 from lmms_sd.core.generate import GenerationConfig, generate
@@ -57,16 +56,6 @@ ROWS = [
 ]
 
 
-def hf_greedy(target: HFAdapter, prompt: PromptInputs, max_new: int) -> list[int]:
-    """The target's own greedy output through ``transformers``' ``generate``."""
-    ids = prompt.input_ids[None]
-    out = target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                **prompt.model_kwargs, max_new_tokens=max_new, do_sample=False,
-                                eos_token_id=list(target.eos_token_ids),
-                                pad_token_id=target.tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
-
-
 @pytest.fixture(scope="module")
 def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
     from conftest import PROMPT_SPECS
@@ -75,7 +64,7 @@ def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]
     for family, adapters in tiny_adapters.items():
         target = adapters["target"]
         prompts = [target.prepare(text, images) for text, images in PROMPT_SPECS]
-        refs[family] = [(p, hf_greedy(target, p, MAX_NEW)) for p in prompts]
+        refs[family] = [(p, target.hf_generate(p, MAX_NEW)) for p in prompts]
     return refs
 
 

@@ -298,12 +298,7 @@ def msd_references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int
         refs[family] = []
         for text, images in PROMPT_SPECS:
             prompt = target.prepare(text, images)
-            ids = prompt.input_ids[None]
-            out = target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                        **prompt.model_kwargs, max_new_tokens=MAX_NEW,
-                                        do_sample=False, eos_token_id=list(target.eos_token_ids),
-                                        pad_token_id=target.tokenizer.pad_token_id)
-            refs[family].append((prompt, out[0, ids.shape[1]:].tolist()))
+            refs[family].append((prompt, target.hf_generate(prompt, MAX_NEW)))
     return refs
 
 

@@ -109,6 +109,23 @@ class HFAdapter:
         return self._run(embeds, self._position_ids(positions.to(self.device)),
                          None if mask is None else self._float_mask(mask), hidden, attentions)
 
+    @torch.inference_mode()
+    def hf_generate(self, prompt: PromptInputs, max_new_tokens: int, *,
+                    assistant: "HFAdapter | None" = None) -> list[int]:
+        """Greedy ``transformers`` ``generate`` of this model, new tokens only, stopping at EOS:
+        the reference speculative output must equal, and (with ``assistant``, HF assisted
+        generation) a speed peer. A causal LM gets the prompt without image tokens."""
+        text_only = self.family == "causal_lm"
+        ids = (prompt.text_only_ids() if text_only else prompt.input_ids)[None]  # [1, T]
+        kwargs = {} if text_only else dict(prompt.model_kwargs)
+        if assistant is not None:
+            kwargs["assistant_model"] = assistant.model
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs,
+                                  max_new_tokens=max_new_tokens, do_sample=False,
+                                  eos_token_id=list(self.eos_token_ids),
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, ids.shape[1]:].tolist()
+
     def keep(self, start: int, indices: Tensor) -> None:
         kv_keep(self.cache, start, indices)
 

@@ -75,18 +75,9 @@ def _time_hf(target: Any, prompts: Sequence[PromptInputs], cfg: GenerationConfig
              assistant: Any | None) -> tuple[float, list[list[int]]]:
     wall, outputs = 0.0, []
     for prompt in prompts:
-        ids = prompt.input_ids[None]
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **prompt.model_kwargs,
-                      max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                      eos_token_id=list(cfg.eos_token_ids),
-                      pad_token_id=target.tokenizer.pad_token_id)
-        if assistant is not None:
-            kwargs["assistant_model"] = assistant.model
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = target.model.generate(**kwargs)
+        outputs.append(target.hf_generate(prompt, cfg.max_new_tokens, assistant=assistant))
         wall += time.perf_counter() - t0
-        outputs.append(out[0, ids.shape[1]:].tolist())
     return wall, outputs
 
 

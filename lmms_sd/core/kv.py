@@ -7,7 +7,6 @@ Sliding-window layers keep extra bookkeeping and are refused rather than silentl
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
