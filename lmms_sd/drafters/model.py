@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..core.interfaces import ModelAdapter, PromptInputs, StepOutput
+from ..core.working_tree import WorkingTree
 
 
 class ModelDrafter:
@@ -34,8 +35,7 @@ class ModelDrafter:
         self.forwards = 0
         self._committed = 0              # cached positions that hold emitted tokens
         self._pending: list[int] = []    # emitted tokens not yet in the cache
-        self._ancestors: list[list[int]] = []  # per expanded node: its ancestors and itself
-        self._depths: list[int] = []
+        self._tree = WorkingTree()               # this step's expanded nodes
         self._device = torch.device("cpu")
 
     def begin(self, prompt: PromptInputs, target_prefill: StepOutput) -> None:
@@ -46,12 +46,12 @@ class ModelDrafter:
         self.forwards += 1
         self._committed = self.adapter.seq_len
         self._pending = []
-        self._reset_tree()
+        self._tree.reset()
 
     def commit(self, tokens: list[int], hidden: Tensor | None) -> None:
         self.adapter.crop(self._committed)
         self._pending += tokens
-        self._reset_tree()
+        self._tree.reset()
 
     def root(self) -> Tensor:  # [V]
         if not self._pending:
@@ -64,28 +64,17 @@ class ModelDrafter:
         return self._pad(out.logits[-1])
 
     def expand(self, tokens: Tensor, parents: Tensor) -> Tensor:  # [m] , [m] -> [m, V]
-        n0, m = len(self._depths), len(tokens)
-        par = parents.tolist()
-        chain = m == 1 and par[0] == n0 - 1 and n0 == (self._depths[-1] if n0 else 0)
-        for i, p in enumerate(par):
-            self._ancestors.append((self._ancestors[p] if p >= 0 else []) + [n0 + i])
-            self._depths.append(self._depths[p] + 1 if p >= 0 else 1)
+        chain = self._tree.extends_chain(parents)
+        depths = self._tree.add(parents)
         dev = self._device
         if chain:  # the working tree is still one chain: plain causal attention
             out = self.adapter.forward(tokens.to(dev))
         else:
             base = self._committed
-            mask = torch.zeros(m, base + n0 + m, dtype=torch.bool, device=dev)
-            mask[:, :base] = True
-            for i in range(m):
-                mask[i, [base + a for a in self._ancestors[n0 + i]]] = True
-            depths = torch.tensor(self._depths[n0:], device=dev)
-            out = self.adapter.forward(tokens.to(dev), base - 1 + depths, mask)
+            mask = self._tree.mask(base, len(tokens), dev)
+            out = self.adapter.forward(tokens.to(dev), base - 1 + depths.to(dev), mask)
         self.forwards += 1
         return self._pad(out.logits)
-
-    def _reset_tree(self) -> None:
-        self._ancestors, self._depths = [], []
 
     def _pad(self, logits: Tensor) -> Tensor:  # [..., V_draft] -> [..., V_target]
         extra = self.vocab_size - logits.shape[-1]

@@ -28,6 +28,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from ..core.interfaces import PromptInputs, StepOutput
+from ..core.working_tree import WorkingTree
 from .msd_head import MSDHead
 
 POSITION_SCHEMES = ("target", "sequential")
@@ -83,8 +84,7 @@ class MSDDrafter:
         self._delta = 0
         self._root_g: Tensor | None = None      # [H] the head's output at the root slot
         self._node_g: list[Tensor] = []         # per expanded node: # [H]
-        self._ancestors: list[list[int]] = []   # per expanded node: its ancestors and itself
-        self._depths: list[int] = []
+        self._tree = WorkingTree()                # this step's expanded nodes
 
     # ------------------------------------------------------------------ protocol
     @torch.no_grad()
@@ -142,18 +142,13 @@ class MSDDrafter:
     def expand(self, tokens: Tensor, parents: Tensor) -> Tensor:  # [m], [m] -> [m, V]
         if self._root_g is None:
             raise RuntimeError("expand() needs root() first")
-        n0, m, c = len(self._depths), len(tokens), self._committed
-        for i, p in enumerate(parents.tolist()):
-            self._ancestors.append((self._ancestors[p] if p >= 0 else []) + [n0 + i])
-            self._depths.append(self._depths[p] + 1 if p >= 0 else 1)
+        c = self._committed
+        depths = self._tree.add(parents)
         parent_g = torch.stack([self._root_g if p < 0 else self._node_g[p]
                                 for p in parents.tolist()])  # [m, H]
         dev = parent_g.device
-        mask = torch.zeros(m, c + n0 + m, dtype=torch.bool, device=dev)
-        mask[:, :c] = True
-        for i in range(m):
-            mask[i, [c + a for a in self._ancestors[n0 + i]]] = True
-        depths = torch.tensor(self._depths[n0:], device=dev)
+        mask = self._tree.mask(c, len(tokens), dev)
+        depths = depths.to(dev)
         u = self.head.fuse(tokens.to(dev)[None], parent_g[None])
         g = self.head(u, self._positions(c + depths), mask[None], self._cache)[0]
         self.forwards += 1
@@ -170,4 +165,5 @@ class MSDDrafter:
         return torch.where(slots < prompt_len, in_prompt, text)[:, None]  # [3, 1, Q]
 
     def _reset_tree(self) -> None:
-        self._node_g, self._ancestors, self._depths = [], [], []
+        self._node_g = []
+        self._tree.reset()
