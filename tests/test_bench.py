@@ -60,3 +60,20 @@ def test_method_spec_errors():
         Method.parse("chain")
     with pytest.raises(ValueError, match="unknown tree builder"):
         Method.parse("draft_vlm:bogus").builder()
+
+
+def test_bench_runs_an_msd_head_losslessly(tiny_paths, tiny_adapters, tmp_path):
+    from lmms_sd.drafters.msd_format import new_msd_head, save_msd_head
+
+    import torch
+
+    paths = tiny_paths["llava"]
+    torch.manual_seed(0)
+    save_msd_head(new_msd_head(tiny_adapters["llava"]["target"].model), tmp_path / "head")
+    bench.main(["--target", str(paths["target"]), "--msd-head", str(tmp_path / "head"),
+                "--items", "1", "--repeats", "1", "--max-new-tokens", "8",
+                "--methods", "ar", "msd:dynamic:depth=2;top_k=2;total_tokens=4",
+                "--out", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ar", "msd:dynamic:depth=2;top_k=2;total_tokens=4"]
+    assert rows[1]["mismatches"] == 0 and rows[1]["tau"] >= 1

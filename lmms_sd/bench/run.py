@@ -26,15 +26,19 @@ from ..core.interfaces import PromptInputs
 from ..lmms_eval.speed import sample_stats, summarize
 from .methods import DEFAULT_METHODS, Method, make_drafter
 
+ROLES = ("target", "draft_vlm", "text_only", "msd_head")
 COLUMNS = ("method", "wall_s", "tokens_per_s", "speedup", "tau", "acceptance_rate",
            "target_fwd_per_token", "mismatches")
 
 
 def load_models(family: str, paths: dict[str, str | None]) -> dict[str, Any]:
-    """Adapters by role; roles without a path fall back to the shipped shapes models."""
+    """Adapters by role; roles without a path fall back to the shipped shapes models. The MSD
+    head (role ``msd_head``) becomes ``models["msd"]``, a factory of fresh MSD drafters."""
     from ..adapters.loading import load_adapter
+    from ..drafters.msd import load_msd_drafter
 
     models: dict[str, Any] = {}
+    head = paths.pop("msd_head", None)
     for role, path in paths.items():
         if path is None:
             from ..assets import shipped_model
@@ -46,6 +50,14 @@ def load_models(family: str, paths: dict[str, str | None]) -> dict[str, Any]:
         models[role] = load_adapter(path, role="target" if role == "target" else "draft")
     if "target" not in models:
         raise ValueError("no target model: pass --target or ship one")
+    if head is None:
+        from ..assets import shipped_model
+
+        try:
+            head = str(shipped_model(family, "msd_head"))
+        except (FileNotFoundError, ValueError):
+            return models
+    models["msd"] = lambda: load_msd_drafter(head, models["target"].model)
     return models
 
 
@@ -151,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m lmms_sd.bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="llava", choices=("llava", "qwen2_vl"))
-    for role in ("target", "draft_vlm", "text_only"):
+    for role in ROLES:
         ap.add_argument(f"--{role.replace('_', '-')}", dest=role, default=None,
                         help=f"{role} checkpoint (default: the shipped shapes model)")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
@@ -162,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--hf", action="store_true", help="add HF generate and assisted generation")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    models = load_models(args.family, {r: getattr(args, r) for r in ("target", "draft_vlm", "text_only")})
+    models = load_models(args.family, {r: getattr(args, r) for r in ROLES})
     prompts = shapes_prompts(models["target"], args.items)
     rows, records = run(models, prompts, args.methods, args.max_new_tokens, args.repeats, args.hf,
                         args.alpha)

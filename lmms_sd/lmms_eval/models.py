@@ -22,8 +22,7 @@ from ..core.interfaces import Drafter
 from ..drafters.bigram import BigramTable
 from ..drafters.cascade import CascadeBuilder, CascadeConfig, CascadeDrafter
 from ..drafters.model import ModelDrafter
-from ..drafters.msd import MSDConfig, MSDDrafter, qwen2_vl_rope_index
-from ..drafters.msd_format import load_msd_head
+from ..drafters.msd import MSDConfig, MSDDrafter, load_msd_drafter
 from ..drafters.ngram import MaGDrafter
 from ..trees import TreeBuilder
 from .args import CascadeArgs, MSDArgs, MSDCalibratedArgs, SDArgs, from_mapping
@@ -65,10 +64,10 @@ class _MSD(SpeculativeLMM):
 
 def _msd_drafter(lmm: SpeculativeLMM) -> MSDDrafter:
     """The MSD head at ``draft=`` bound to ``lmm``'s target model."""
-    s, model = lmm.settings, lmm.target.model
-    head = load_msd_head(_need(s.draft, "draft", lmm), model, check_embeddings=s.check_embeddings)
-    rope_index = qwen2_vl_rope_index(model) if lmm.family == "qwen2_vl" else None
-    return MSDDrafter(head, MSDConfig(positions=s.positions), rope_index)
+    s = lmm.settings
+    return load_msd_drafter(_need(s.draft, "draft", lmm), lmm.target.model,
+                            cfg=MSDConfig(positions=s.positions),
+                            check_embeddings=s.check_embeddings)
 
 
 class _Cascade(SpeculativeLMM):
