@@ -34,7 +34,7 @@ from ..core.generate import GenerationConfig, generate
 from ..core.interfaces import Drafter
 from ..data.shapes import ShapesItem, make_items
 from ..drafters.model import ModelDrafter
-from ..drafters.msd import MSDConfig, MSDDrafter, qwen2_vl_rope_index
+from ..drafters.msd import load_msd_drafter
 from ..drafters.msd_format import load_msd_head
 from ..drafters.msd_head import MSDHead
 from ..trees import make_builder
@@ -66,9 +66,7 @@ def head_parameters(head: MSDHead) -> dict[str, int]:
 def make_drafter(role: str, family: str, target: HFAdapter) -> Drafter:
     """The shipped drafter of ``role`` for the shipped ``target`` of ``family``."""
     if role == HEAD_ROLE:
-        head = load_msd_head(shipped_model(family, role), target.model)
-        rope = qwen2_vl_rope_index(target.model) if head.kind == "qwen2_vl" else None
-        return MSDDrafter(head, MSDConfig(), rope_index=rope)
+        return load_msd_drafter(str(shipped_model(family, role)), target.model)
     draft = load_adapter(shipped_model(family, role), role="draft")
     return ModelDrafter(draft, text_only=role == "text_only", vocab_size=target.vocab_size)
 
