@@ -84,13 +84,13 @@ def model_card(metrics: dict, role: str) -> str:
         f"grad clip {opt['grad_clip']}, {opt['steps']} steps x batch {opt['batch_size']}, "
         f"seed {opt['seed']}",
         f"- final training loss {train['final_loss']:.4f}; {train['train_seconds'] / 60:.1f} min "
-        f"on a shared 2-core CPU ({metrics['environment']['threads']} torch thread(s))",
-        f"- command (the whole family's recipe): `{metrics['command']}`",
+        f"on a shared 2-core CPU ({entry['environment']['threads']} torch thread(s))",
+        f"- command: `{entry['command']}`",
         "", "## Measured", "",
         *_figures(family, role, entry, metrics["k"]),
         f"- evaluation items: {metrics['eval_items']}",
-        f"- environment: torch {metrics['environment']['torch']}, transformers "
-        f"{metrics['environment']['transformers']}", "",
+        f"- environment: torch {entry['environment']['torch']}, transformers "
+        f"{entry['environment']['transformers']}", "",
     ]
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     seed: int = 0                # model init and data stream
     log_every: int = 25          # steps per loss-history entry
+    vision_lr_scale: float = 1.0  # lr multiplier of the vision encoder and projector; 0 freezes
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -38,6 +39,8 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.vision_lr_scale < 0:
+            raise ValueError(f"vision_lr_scale must be >= 0, got {self.vision_lr_scale}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,12 +59,28 @@ def train_items(step: int, batch_size: int, seed: int) -> list[ShapesItem]:
     return make_items(batch_size, seed=seed * 1_000_000 + step, split="train")
 
 
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.visual.")
+
+
+def is_vision_parameter(name: str) -> bool:
+    """The vision encoder and projector of LLaVA / Qwen2-VL (the merger is inside ``visual``)."""
+    return name.startswith(VISION_PREFIXES)
+
+
 def _optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    """AdamW with weight decay on matrices only and ``vision_lr_scale`` on vision parameters
+    (frozen when it is 0)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        vision = is_vision_parameter(name)
+        if vision and cfg.vision_lr_scale == 0:
+            p.requires_grad_(False)
+        if p.requires_grad:
+            groups.setdefault((vision, p.dim() >= 2), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": params, "lr": cfg.lr * (cfg.vision_lr_scale if vision else 1.0),
+          "weight_decay": cfg.weight_decay if matrix else 0.0}
+         for (vision, matrix), params in groups.items()], lr=cfg.lr)
 
 
 def run_training(model: nn.Module, loss_fn: Callable[[Batch], Tensor],
