@@ -63,6 +63,8 @@ def summary_table(results: dict) -> str:
     speed = results.get("throughput", {})
 
     def get(task: str, key: str) -> str:
+        if not task and key == "tokens_per_second":
+            key = "speed"  # lmms-eval's own name for the overall tokens/s
         v = speed.get(f"avg_{task}/{key}" if task else f"avg_{key}")
         return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
