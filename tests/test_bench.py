@@ -77,3 +77,19 @@ def test_bench_runs_an_msd_head_losslessly(tiny_paths, tiny_adapters, tmp_path):
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["ar", "msd:dynamic:depth=2;top_k=2;total_tokens=4"]
     assert rows[1]["mismatches"] == 0 and rows[1]["tau"] >= 1
+
+
+def test_cascade_study_is_lossless_and_prices_every_forward(llava_models):
+    from lmms_sd.bench import cascade
+
+    models = {k: v for k, v in llava_models.items() if k in ("target", "draft_vlm", "text_only")}
+    prompts = bench.shapes_prompts(models["target"], 1)
+    rows = cascade.run(models, prompts, cascade.DEFAULT_SPECS, max_new_tokens=8)
+    assert [r["method"] for r in rows] == ["ar"] + [s.name for s in cascade.DEFAULT_SPECS]
+    ar = rows[0]
+    for r in rows:
+        assert r["mismatches"] == 0
+        assert r["speedup"] == pytest.approx(ar["wall_s"] / r["wall_s"])
+        assert r["cost_speedup"] == pytest.approx(ar["cost_units"] / r["cost_units"])
+    # drafts cost something on top of the target's forwards: a random draft cannot be free
+    assert all(r["cost_units"] > 0 for r in rows)

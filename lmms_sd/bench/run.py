@@ -144,13 +144,13 @@ def _row(name: str, wall: float, walls: list[float], records: list[dict] | None,
     return row
 
 
-def to_markdown(rows: list[dict], header: str = "") -> str:
+def to_markdown(rows: list[dict], header: str = "", columns: Sequence[str] = COLUMNS) -> str:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
     lines = [header] if header else []
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
