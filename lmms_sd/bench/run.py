@@ -172,8 +172,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=1.0, help="oracle acceptance probability")
     ap.add_argument("--hf", action="store_true", help="add HF generate and assisted generation")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 avoids oversubscription on a busy small machine)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     models = load_models(args.family, {r: getattr(args, r) for r in ROLES})
     prompts = shapes_prompts(models["target"], args.items)
     rows, records = run(models, prompts, args.methods, args.max_new_tokens, args.repeats, args.hf,
