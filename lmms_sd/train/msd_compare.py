@@ -10,7 +10,7 @@ to the target's own greedy output (else it raises), figures pooled over the item
   tau               emitted tokens per target decode step (accepted + 1, as MSD reports it)
   acceptance_rate   accepted draft tokens per drafted depth (the chain acceptance rate)
   tree_size         mean draft tokens the target verifies per step
-  draft_forwards    mean drafter forwards per step
+  draft_forwards    mean drafter forwards per step (a draft model's prefill included)
 
 Writes ``lmms_sd/assets/shapes/<family>/msd_metrics.json`` (with the head's training record,
 read from ``msd_head/train_record.json``) and, with ``--cards``, the head's model card.
