@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from ..core.generate import GenerationConfig, generate
 from ..drafters.cascade import CascadeConfig, CascadeDrafter
 from ..drafters.cost import simulate_cost
@@ -97,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.add_argument(f"--{role.replace('_', '-')}", dest=role, default=None)
     ap.add_argument("--items", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     models = load_models(args.family, {r: getattr(args, r) for r in ("target", "draft_vlm", "text_only")})
     models.pop("msd", None)
     rows = run(models, shapes_prompts(models["target"], args.items), DEFAULT_SPECS,
