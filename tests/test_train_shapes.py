@@ -132,3 +132,35 @@ def test_vision_lr_scale_zero_freezes_only_the_vision_parameters(setup: dict) ->
     vision = {n for n in before if is_vision_parameter(n)}
     assert vision and not changed & vision
     assert model.get_input_embeddings().weight.requires_grad and changed - vision
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(setup: dict,
+                                                                      tmp_path) -> None:
+    family, tok, batch = setup["family"], setup["processor"].tokenizer, setup["batch"]
+    cfg = OptimConfig(steps=4, batch_size=len(setup["items"]), warmup_steps=1, log_every=1,
+                      checkpoint_every=2)
+
+    def train(ckpt, die_at: int | None = None):
+        model = build_vlm(family, tok, SMALL, seed=5)
+
+        def batch_at(step: int):
+            if step == die_at:
+                raise KeyboardInterrupt("killed")
+            return batch
+
+        record = run_training(model, lambda b: answer_cross_entropy(
+            model(**b.model_inputs()).logits, b.labels), batch_at, cfg, "test", ckpt)
+        return model, record
+
+    straight, straight_record = train(None)
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(ckpt, die_at=3)
+    assert ckpt.is_file()
+    resumed, record = train(ckpt)
+    assert not ckpt.exists()  # removed once the run is complete
+    assert [h["step"] for h in record["loss_history"]] == [1, 2, 3, 4]
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert record["loss_history"][-1]["loss"] == pytest.approx(
+        straight_record["loss_history"][-1]["loss"], rel=1e-5)

@@ -16,6 +16,7 @@ equals the target's.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,8 +99,9 @@ def kl_target_draft(target_logits: Tensor, draft_logits: Tensor) -> Tensor:
 
 
 def distill_draft(draft: PreTrainedModel, target: PreTrainedModel, processor: Any,
-                  cfg: OptimConfig, *, text_only: bool) -> dict:
-    """Train ``draft`` in place to match ``target`` on shapes answers; return the record."""
+                  cfg: OptimConfig, *, text_only: bool, checkpoint: Path | None = None) -> dict:
+    """Train ``draft`` in place to match ``target`` on shapes answers; return the record
+    (``checkpoint``: see ``run_training``)."""
     collate = ShapesCollator(processor)
     tok = processor.tokenizer
     image_token_id = target.config.image_token_id
@@ -119,4 +121,4 @@ def distill_draft(draft: PreTrainedModel, target: PreTrainedModel, processor: An
         return kl_target_draft(teacher, student)
 
     return run_training(draft, loss_fn, batch_at, cfg,
-                        desc="text_only" if text_only else "draft_vlm")
+                        desc="text_only" if text_only else "draft_vlm", checkpoint=checkpoint)

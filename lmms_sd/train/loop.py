@@ -1,13 +1,15 @@
 """The optimisation loop shared by every trainer: AdamW, linear warmup then cosine decay.
 
 A trainer supplies a loss function of a ``Batch`` and a batch source indexed by step; the loop
-owns seeds, the schedule, gradient clipping, the progress bar and the loss history.
+owns the schedule, gradient clipping, the progress bar, the loss history and resumable
+checkpoints (runs on a shared machine get killed).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,6 +31,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     seed: int = 0                # model init and data stream
     log_every: int = 25          # steps per loss-history entry
+    checkpoint_every: int = 100  # steps per resumable checkpoint (a multiple of log_every)
     vision_lr_scale: float = 1.0  # lr multiplier of the vision encoder and projector; 0 freezes
 
     def __post_init__(self) -> None:
@@ -39,6 +42,9 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple "
+                             f"of log_every ({self.log_every})")
         if self.vision_lr_scale < 0:
             raise ValueError(f"vision_lr_scale must be >= 0, got {self.vision_lr_scale}")
 
@@ -84,17 +90,24 @@ def _optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def run_training(model: nn.Module, loss_fn: Callable[[Batch], Tensor],
-                 batch_at: Callable[[int], Batch], cfg: OptimConfig, desc: str) -> dict:
+                 batch_at: Callable[[int], Batch], cfg: OptimConfig, desc: str,
+                 checkpoint: Path | None = None) -> dict:
     """Train ``model`` in place for ``cfg.steps`` steps; return the loss history and timing.
 
-    batch_at(step) -> the step's batch; loss_fn(batch) -> a scalar loss with a graph."""
+    batch_at(step) -> the step's batch; loss_fn(batch) -> a scalar loss with a graph.
+    checkpoint: a file written every ``cfg.checkpoint_every`` steps and resumed from when it
+    exists (the batches and the schedule depend on the step alone); deleted at the end."""
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    state = {"step": 0, "history": [], "seconds": 0.0}
+    if checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, model, opt, sched)
     model.train()
-    history: list[dict] = []
+    history: list[dict] = state["history"]
     window: list[float] = []
-    t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=desc, mininterval=10)
+    t0 = time.perf_counter() - state["seconds"]
+    bar = tqdm(range(state["step"], cfg.steps), desc=desc, mininterval=10,
+               initial=state["step"], total=cfg.steps)
     for step in bar:
         loss = loss_fn(batch_at(step))
         opt.zero_grad(set_to_none=True)
@@ -107,6 +120,30 @@ def run_training(model: nn.Module, loss_fn: Callable[[Batch], Tensor],
             history.append({"step": step + 1, "loss": sum(window) / len(window)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             window = []
+            if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
+                _save_checkpoint(checkpoint, model, opt, sched, {
+                    "step": step + 1, "history": history,
+                    "seconds": time.perf_counter() - t0})
     model.eval()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return {"optim": cfg.to_dict(), "loss_history": history,
             "final_loss": history[-1]["loss"], "train_seconds": time.perf_counter() - t0}
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(),
+                "sched": sched.state_dict(), **state}, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    saved = torch.load(path, weights_only=False)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optim"])
+    sched.load_state_dict(saved["sched"])
+    return {k: saved[k] for k in ("step", "history", "seconds")}

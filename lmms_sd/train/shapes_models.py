@@ -99,10 +99,15 @@ def update_metrics(out: Path, models: dict[str, dict] | None = None, **top_level
 
 
 # ---------------------------------------------------------------------------- stages
+def _checkpoint(out: Path, role: str) -> Path:
+    """Where a killed run of ``role`` resumes from (rerun the same command)."""
+    return out / "checkpoints" / f"{role}.pt"
+
+
 def train_target_stage(recipe: Recipe, out: Path) -> dict:
     processor = make_processor(recipe)
     model = build_vlm(recipe.family, processor.tokenizer, recipe.target, recipe.target_optim.seed)
-    record = train_target(model, processor, recipe.target_optim)
+    record = train_target(model, processor, recipe.target_optim, _checkpoint(out, "target"))
     _save(model, processor, out / "target")
     return {"architecture": recipe.target.to_dict(), "parameters": count_parameters(model),
             "language_model_parameters": _language_parameters(model), "train": record}
@@ -119,7 +124,8 @@ def train_draft_stage(recipe: Recipe, out: Path, role: str) -> dict:
         shape, cfg = recipe.text_only, recipe.text_only_optim
         draft = build_text_lm(recipe.family, tok, shape, cfg.seed)
     init = init_from_target(draft, target, vision=role == "draft_vlm")
-    record = distill_draft(draft, target, processor, cfg, text_only=role == "text_only")
+    record = distill_draft(draft, target, processor, cfg, text_only=role == "text_only",
+                           checkpoint=_checkpoint(out, role))
     _save(draft, processor if role == "draft_vlm" else tok, out / role)
     lm_params = count_parameters(draft) if role == "text_only" else _language_parameters(draft)
     return {"architecture": shape.to_dict(), "parameters": count_parameters(draft),
@@ -158,6 +164,8 @@ def run(recipe: Recipe, out: Path, stages: Sequence[str], command: str) -> dict:
         else:
             entry = train_draft_stage(recipe, out, stage)
         update_metrics(out, {stage: {**entry, "command": command, "environment": env}})
+    if _checkpoint(out, "target").parent.is_dir():  # empty once every stage has finished
+        _checkpoint(out, "target").parent.rmdir()
     return update_metrics(out, evaluate_stage(recipe, out), family=recipe.family, k=recipe.k,
                           eval_items=f"eval_items({recipe.eval_describe}, {recipe.eval_qa}, "
                           f"seed=0): held-out test-split shapes items")

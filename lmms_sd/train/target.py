@@ -8,6 +8,7 @@ model never sees a test-split scene and the run is reproducible from the seed.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,8 +59,10 @@ def answer_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
-def train_target(model: PreTrainedModel, processor: Any, cfg: OptimConfig) -> dict:
-    """Train ``model`` in place on shapes answers; return the training record."""
+def train_target(model: PreTrainedModel, processor: Any, cfg: OptimConfig,
+                 checkpoint: Path | None = None) -> dict:
+    """Train ``model`` in place on shapes answers; return the training record (``checkpoint``:
+    see ``run_training``)."""
     collate = ShapesCollator(processor)
 
     def batch_at(step: int) -> Batch:
@@ -68,4 +71,4 @@ def train_target(model: PreTrainedModel, processor: Any, cfg: OptimConfig) -> di
     def loss_fn(batch: Batch) -> Tensor:
         return answer_cross_entropy(model(**batch.model_inputs()).logits, batch.labels)
 
-    return run_training(model, loss_fn, batch_at, cfg, desc="target")
+    return run_training(model, loss_fn, batch_at, cfg, desc="target", checkpoint=checkpoint)
