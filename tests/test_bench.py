@@ -93,3 +93,13 @@ def test_cascade_study_is_lossless_and_prices_every_forward(llava_models):
         assert r["cost_speedup"] == pytest.approx(ar["cost_units"] / r["cost_units"])
     # drafts cost something on top of the target's forwards: a random draft cannot be free
     assert all(r["cost_units"] > 0 for r in rows)
+
+
+def test_cascade_sweep_grid_is_valid():
+    from lmms_sd.bench.cascade import sweep_specs
+    from lmms_sd.drafters.cascade import CascadeConfig
+
+    specs = sweep_specs(ks=(2, 3), lenience=(1.0, 2.0))
+    assert len({s.name for s in specs}) == 4
+    for s in specs:  # every grid point is a valid published k_matrix
+        assert CascadeConfig.of(s.k_matrix, s.lenience).depth == 3

@@ -1,6 +1,7 @@
 """Cascade study: a single draft vs two- and three-level cascades (CS Drafting), same prompts.
 
     python -m lmms_sd.bench.cascade --family llava --items 8 --out bench/results/cascade_llava
+    python -m lmms_sd.bench.cascade --sweep ...   # k_matrix x lenience grid
 
 For each configuration: tau, wall time and speedup over autoregressive decoding (our loop),
 and the published cost model ("model_parameters": units proportional to parameter count, here
@@ -42,6 +43,15 @@ DEFAULT_SPECS = (
     CascadeSpec("draft_vlm > text_only > mag, L=2", ("draft_vlm", "text_only", "mag"),
                 ((2, 1, 1), (0, 2, 2), (0, 0, 2)), 2.0),
 )
+def sweep_specs(ks: Sequence[int] = (2, 3, 4), lenience: Sequence[float] = (1.0, 2.0, 4.0)
+                ) -> list[CascadeSpec]:
+    """A grid over the published knobs: draft_vlm > text_only > mag with k_matrix
+    ((k, 1, 1), (0, k, 2), (0, 0, 2)) for each k and lenience L."""
+    return [CascadeSpec(f"draft_vlm > text_only > mag, k={k}, L={L:g}",
+                        ("draft_vlm", "text_only", "mag"), ((k, 1, 1), (0, k, 2), (0, 0, 2)), L)
+            for k in ks for L in lenience]
+
+
 COLUMNS = ("method", "tau", "wall_s", "speedup", "cost_units", "cost_speedup", "mismatches")
 
 
@@ -99,14 +109,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.add_argument(f"--{role.replace('_', '-')}", dest=role, default=None)
     ap.add_argument("--items", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--sweep", action="store_true",
+                    help="the k_matrix x lenience grid of sweep_specs() instead of the defaults")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = load_models(args.family, {r: getattr(args, r) for r in ("target", "draft_vlm", "text_only")})
     models.pop("msd", None)
-    rows = run(models, shapes_prompts(models["target"], args.items), DEFAULT_SPECS,
-               args.max_new_tokens)
+    specs = sweep_specs() if args.sweep else DEFAULT_SPECS
+    rows = run(models, shapes_prompts(models["target"], args.items), specs, args.max_new_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cascade.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
