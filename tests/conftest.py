@@ -65,3 +65,16 @@ def text_only(tiny_adapters: dict[str, dict[str, HFAdapter]], family: str) -> HF
 def prompts(target: HFAdapter) -> list[PromptInputs]:
     """The ``PROMPT_SPECS`` prepared for the family's target (chat template applied)."""
     return [target.prepare(text, images) for text, images in PROMPT_SPECS]
+
+
+def greedy_references(tiny_adapters: dict[str, dict[str, HFAdapter]], max_new: int
+                      ) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
+    """Per family, every ``PROMPT_SPECS`` prompt prepared for the target, with the target's own
+    greedy output from ``transformers``' ``generate``: what speculative output must equal."""
+    refs = {}
+    for family, adapters in tiny_adapters.items():
+        target = adapters["target"]
+        prompts = [target.prepare(text, images) for text, images in PROMPT_SPECS]
+        refs[family] = [(p, target.hf_generate(p, max_new)) for p in prompts]
+    return refs
+

@@ -47,14 +47,9 @@ def eager_drafts(tiny_paths) -> dict[str, HFAdapter]:
 
 @pytest.fixture(scope="module")
 def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
-    from conftest import PROMPT_SPECS
+    from conftest import greedy_references
 
-    refs = {}
-    for family, adapters in tiny_adapters.items():
-        target = adapters["target"]
-        prompts = [target.prepare(text, images) for text, images in PROMPT_SPECS]
-        refs[family] = [(p, target.hf_generate(p, MAX_NEW)) for p in prompts]
-    return refs
+    return greedy_references(tiny_adapters, MAX_NEW)
 
 
 @pytest.fixture(scope="module")

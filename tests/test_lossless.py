@@ -58,14 +58,9 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
-    from conftest import PROMPT_SPECS
+    from conftest import greedy_references
 
-    refs = {}
-    for family, adapters in tiny_adapters.items():
-        target = adapters["target"]
-        prompts = [target.prepare(text, images) for text, images in PROMPT_SPECS]
-        refs[family] = [(p, target.hf_generate(p, MAX_NEW)) for p in prompts]
-    return refs
+    return greedy_references(tiny_adapters, MAX_NEW)
 
 
 def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]):

@@ -28,6 +28,7 @@ class HFAdapter:
     """A Hugging Face causal (vision-)language model with its own ``DynamicCache``, batch 1."""
 
     family = "base"
+    image_token_id: int | None = None  # VLM adapters: the placeholder their processor expands
 
     def __init__(self, model: PreTrainedModel, processor: Any, decoder: nn.Module):
         """processor: the model's processor (VLMs) or tokenizer (LMs); decoder: the module that
@@ -73,6 +74,16 @@ class HFAdapter:
 
     def _prefill_embeds(self, prompt: PromptInputs) -> Tensor:  # -> [T, H]
         return self.embed_tokens(prompt.input_ids)
+
+    def _merge_image_features(self, prompt: PromptInputs, embeds: Tensor, feats: Tensor) -> Tensor:
+        """``embeds`` # [T, H] with the image-token rows replaced by ``feats`` # [n, H] in order."""
+        slots = prompt.input_ids == self.image_token_id
+        if int(slots.sum()) != len(feats):
+            raise ValueError(f"the prompt has {int(slots.sum())} image tokens but the images "
+                             f"give {len(feats)} features")
+        embeds = embeds.clone()
+        embeds[slots] = feats.to(embeds.dtype)
+        return embeds
 
     def _prefill_position_ids(self, prompt: PromptInputs) -> Tensor:
         return self._position_ids(torch.arange(len(prompt.input_ids), device=self.device))

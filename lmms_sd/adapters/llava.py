@@ -40,11 +40,4 @@ class LlavaAdapter(HFAdapter):
         if pixels is None:
             return embeds
         feats = self.model.model.get_image_features(pixel_values=pixels, return_dict=True)
-        feats = torch.cat(list(feats.pooler_output), dim=0).to(embeds.dtype)  # [n_img * P, H]
-        slots = prompt.input_ids == self.image_token_id
-        if int(slots.sum()) != len(feats):
-            raise ValueError(f"the prompt has {int(slots.sum())} image tokens but the images "
-                             f"give {len(feats)} features")
-        embeds = embeds.clone()
-        embeds[slots] = feats
-        return embeds
+        return self._merge_image_features(prompt, embeds, torch.cat(list(feats.pooler_output)))

@@ -56,14 +56,7 @@ class Qwen2VLAdapter(HFAdapter):
             return embeds
         feats = self.model.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"],
                                                     return_dict=True)
-        feats = torch.cat(list(feats.pooler_output), dim=0).to(embeds.dtype)  # [n_tokens, H]
-        slots = prompt.input_ids == self.image_token_id
-        if int(slots.sum()) != len(feats):
-            raise ValueError(f"the prompt has {int(slots.sum())} image tokens but the images "
-                             f"give {len(feats)} features")
-        embeds = embeds.clone()
-        embeds[slots] = feats
-        return embeds
+        return self._merge_image_features(prompt, embeds, torch.cat(list(feats.pooler_output)))
 
     def _prefill_position_ids(self, prompt: PromptInputs) -> Tensor:  # -> [3, 1, T]
         kw = prompt.model_kwargs

@@ -76,8 +76,8 @@ def model_card(metrics: dict, role: str) -> str:
                      "(only when the widths match)")
     lines += [
         "", "## Training", "",
-        f"- data: fresh training-split shapes scenes every step (all four topics in turn), "
-        f"rendered through the chat template; the test split shares no scene",
+        "- data: fresh training-split shapes scenes every step (all four topics in turn), "
+        "rendered through the chat template; the test split shares no scene",
         f"- objective: {_objective(role)}",
         f"- AdamW, lr {opt['lr']}, weight decay {opt['weight_decay']} (matrices), "
         f"{opt['warmup_steps']} warmup steps then cosine to {opt['min_lr_ratio']} x lr, "
