@@ -158,8 +158,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(setup: dic
         train(ckpt, die_at=3)
     assert ckpt.is_file()
     resumed, record = train(ckpt)
-    assert not ckpt.exists()  # removed once the run is complete
     assert [h["step"] for h in record["loss_history"]] == [1, 2, 3, 4]
+    finished, again = train(ckpt)  # a complete checkpoint: nothing left to train
+    assert again["loss_history"] == record["loss_history"]
+    assert all(torch.equal(a, b) for a, b in zip(finished.parameters(), resumed.parameters()))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, msg=name)
     assert record["loss_history"][-1]["loss"] == pytest.approx(

@@ -31,7 +31,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     seed: int = 0                # model init and data stream
     log_every: int = 25          # steps per loss-history entry
-    checkpoint_every: int = 100  # steps per resumable checkpoint (a multiple of log_every)
+    checkpoint_every: int = 25   # steps per resumable checkpoint (a multiple of log_every)
     vision_lr_scale: float = 1.0  # lr multiplier of the vision encoder and projector; 0 freezes
 
     def __post_init__(self) -> None:
@@ -95,8 +95,9 @@ def run_training(model: nn.Module, loss_fn: Callable[[Batch], Tensor],
     """Train ``model`` in place for ``cfg.steps`` steps; return the loss history and timing.
 
     batch_at(step) -> the step's batch; loss_fn(batch) -> a scalar loss with a graph.
-    checkpoint: a file written every ``cfg.checkpoint_every`` steps and resumed from when it
-    exists (the batches and the schedule depend on the step alone); deleted at the end."""
+    checkpoint: a file written every ``cfg.checkpoint_every`` steps and at the end, and resumed
+    from when it exists (the batches and the schedule depend on the step alone). The caller
+    deletes it once the trained model is saved."""
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     state = {"step": 0, "history": [], "seconds": 0.0}
@@ -120,13 +121,12 @@ def run_training(model: nn.Module, loss_fn: Callable[[Batch], Tensor],
             history.append({"step": step + 1, "loss": sum(window) / len(window)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             window = []
-            if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
+            due = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+            if checkpoint is not None and due:
                 _save_checkpoint(checkpoint, model, opt, sched, {
                     "step": step + 1, "history": history,
                     "seconds": time.perf_counter() - t0})
     model.eval()
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
     return {"optim": cfg.to_dict(), "loss_history": history,
             "final_loss": history[-1]["loss"], "train_seconds": time.perf_counter() - t0}
 

@@ -52,7 +52,7 @@ class Recipe:
     # Batch 64 and a 0.1x vision lr matter: with batch 16, or with the projector at full lr
     # (its output grows into a constant that drowns the image), the target never learns to read
     # the image and plateaus at the text prior.
-    target_optim: OptimConfig = OptimConfig(steps=2000, batch_size=64, seed=0,
+    target_optim: OptimConfig = OptimConfig(steps=1600, batch_size=64, seed=0,
                                             vision_lr_scale=0.1)
     draft_optim: OptimConfig = OptimConfig(steps=300, batch_size=64, seed=1,
                                            vision_lr_scale=0.1)
@@ -100,7 +100,8 @@ def update_metrics(out: Path, models: dict[str, dict] | None = None, **top_level
 
 # ---------------------------------------------------------------------------- stages
 def _checkpoint(out: Path, role: str) -> Path:
-    """Where a killed run of ``role`` resumes from (rerun the same command)."""
+    """Where a killed run of ``role`` resumes from (rerun the same command); deleted once the
+    role's model is saved."""
     return out / "checkpoints" / f"{role}.pt"
 
 
@@ -109,6 +110,7 @@ def train_target_stage(recipe: Recipe, out: Path) -> dict:
     model = build_vlm(recipe.family, processor.tokenizer, recipe.target, recipe.target_optim.seed)
     record = train_target(model, processor, recipe.target_optim, _checkpoint(out, "target"))
     _save(model, processor, out / "target")
+    _checkpoint(out, "target").unlink()
     return {"architecture": recipe.target.to_dict(), "parameters": count_parameters(model),
             "language_model_parameters": _language_parameters(model), "train": record}
 
@@ -127,6 +129,7 @@ def train_draft_stage(recipe: Recipe, out: Path, role: str) -> dict:
     record = distill_draft(draft, target, processor, cfg, text_only=role == "text_only",
                            checkpoint=_checkpoint(out, role))
     _save(draft, processor if role == "draft_vlm" else tok, out / role)
+    _checkpoint(out, role).unlink()
     lm_params = count_parameters(draft) if role == "text_only" else _language_parameters(draft)
     return {"architecture": shape.to_dict(), "parameters": count_parameters(draft),
             "language_model_parameters": lm_params, "init_from_target": init, "train": record}
