@@ -196,10 +196,11 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
             observer(tree, res.logits, verdict)
         # 3. commit the root and the accepted path in the target cache
         kept = torch.tensor([0] + [i + 1 for i in verdict.accepted], device=device)
-        if tree.is_chain:  # the accepted path is a prefix of the slots: a crop, no copy
-            target.crop(start + len(kept))
-        else:
-            target.keep(start, kept)
+        if len(kept) < len(slots):  # something was rejected
+            if tree.is_chain:  # the accepted path is a prefix of the slots: a crop, no copy
+                target.crop(start + len(kept))
+            else:
+                target.keep(start, kept)
         # 4. emit
         new = tree.tokens[verdict.accepted].tolist() + [verdict.next_token]
         out += new
