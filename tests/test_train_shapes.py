@@ -166,3 +166,17 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(setup: dic
         torch.testing.assert_close(a, b, msg=name)
     assert record["loss_history"][-1]["loss"] == pytest.approx(
         straight_record["loss_history"][-1]["loss"], rel=1e-5)
+
+
+def test_checkpoint_period_must_align_with_logging_only_when_checkpointing(tmp_path) -> None:
+    model = torch.nn.Linear(2, 1)
+    cfg = OptimConfig(steps=3, batch_size=1, warmup_steps=0, log_every=2, checkpoint_every=3)
+
+    def loss_fn(batch):
+        return model(batch).pow(2).mean()
+
+    record = run_training(model, loss_fn, lambda step: torch.ones(1, 2), cfg, desc="test")
+    assert record["final_loss"] >= 0  # no checkpoint: any period is fine
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        run_training(model, loss_fn, lambda step: torch.ones(1, 2), cfg, desc="test",
+                     checkpoint=tmp_path / "ckpt.pt")

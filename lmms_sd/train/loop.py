@@ -31,7 +31,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     seed: int = 0                # model init and data stream
     log_every: int = 25          # steps per loss-history entry
-    checkpoint_every: int = 25   # steps per resumable checkpoint (a multiple of log_every)
+    checkpoint_every: int = 25   # steps per resumable checkpoint (when checkpointing: a
+                                 # multiple of log_every, so a resumed loss history aligns)
     vision_lr_scale: float = 1.0  # lr multiplier of the vision encoder and projector; 0 freezes
 
     def __post_init__(self) -> None:
@@ -42,9 +43,6 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.checkpoint_every % self.log_every:
-            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple "
-                             f"of log_every ({self.log_every})")
         if self.vision_lr_scale < 0:
             raise ValueError(f"vision_lr_scale must be >= 0, got {self.vision_lr_scale}")
 
@@ -101,6 +99,9 @@ def run_training(model: nn.Module, loss_fn: Callable[[Batch], Tensor],
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     state = {"step": 0, "history": [], "seconds": 0.0}
+    if checkpoint is not None and cfg.checkpoint_every % cfg.log_every:
+        raise ValueError(f"checkpoint_every ({cfg.checkpoint_every}) must be a multiple of "
+                         f"log_every ({cfg.log_every}) when checkpointing")
     if checkpoint is not None and checkpoint.is_file():
         state = _load_checkpoint(checkpoint, model, opt, sched)
     model.train()
