@@ -180,3 +180,18 @@ def test_checkpoint_period_must_align_with_logging_only_when_checkpointing(tmp_p
     with pytest.raises(ValueError, match="multiple of log_every"):
         run_training(model, loss_fn, lambda step: torch.ones(1, 2), cfg, desc="test",
                      checkpoint=tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("family", ("llava", "qwen2_vl"))
+def test_recipe_processor_keeps_black_at_zero(family: str) -> None:
+    """Unit pixel scaling: the black background must not become a constant offset."""
+    from PIL import Image
+
+    from lmms_sd.train.shapes_models import Recipe, make_processor
+
+    processor = make_processor(Recipe(family, tokenizer_items=50))
+    black = Image.new("RGB", (32, 32), (0, 0, 0))
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    pixels = processor.image_processor(images=[black, white], return_tensors="pt")["pixel_values"]
+    half = len(pixels) // 2  # LLaVA: [2, 3, H, W]; Qwen2-VL: flattened patches, black first
+    assert pixels[:half].abs().max() == 0 and pixels[half:].min() == pytest.approx(1.0)
