@@ -78,6 +78,45 @@ def user_turn(question: str, n_images: int = 1) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
+def render_prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
+    """The chat template over ``messages`` followed by the generation prompt."""
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """An assistant turn as the chat template writes it after ``prompt``.
+
+    text:   the answer through its end token, e.g. ``" There are two shapes.</s>"``
+    used:   how many characters after ``prompt`` the template spends on ``text`` (without the
+            appended EOS when the template writes none); the template's own text resumes there
+    """
+
+    prompt: str
+    text: str
+    used: int
+
+
+def assistant_continuation(processor: Any, eos: str, history: list[dict[str, Any]],
+                           answer: str) -> Continuation:
+    """The assistant turn ``answer`` after the messages ``history``, cut after the EOS.
+
+    A template that ends the turn without the EOS (llava-hf writes ``"ASSISTANT: answer "``)
+    gets it appended to the stripped text: the target ends its answers by emitting it."""
+    prompt = render_prompt(processor, history)
+    turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+    full = processor.apply_chat_template(history + [turn], tokenize=False)
+    rest = full[len(prompt):]
+    if full.startswith(prompt) and eos in rest:
+        used = rest.index(eos) + len(eos)
+        return Continuation(prompt, rest[:used], used)
+    if not full.startswith(prompt) or not answer.strip() or answer.strip() not in rest:
+        raise ValueError(f"the chat template does not continue the generation prompt with "
+                         f"the answer and {eos!r}: prompt {prompt!r}, full {full!r}")
+    text = rest.rstrip()
+    return Continuation(prompt, text + eos, len(text))
+
+
 class ShapesCollator:
     """Turns shapes items into a ``Batch`` for one VLM processor (LLaVA or Qwen2-VL)."""
 
@@ -90,19 +129,12 @@ class ShapesCollator:
         self.eos = eos
 
     def prompt_text(self, question: str) -> str:
-        return self.processor.apply_chat_template(user_turn(question), add_generation_prompt=True,
-                                                  tokenize=False)
+        return render_prompt(self.processor, user_turn(question))
 
     def answer_text(self, question: str, answer: str) -> str:
         """What the chat template writes after the generation prompt, cut after the EOS."""
-        prompt = self.prompt_text(question)
-        turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
-        full = self.processor.apply_chat_template(user_turn(question) + [turn], tokenize=False)
-        if not full.startswith(prompt) or self.eos not in full[len(prompt):]:
-            raise ValueError(f"the chat template does not continue the generation prompt with "
-                             f"the answer and {self.eos!r}: prompt {prompt!r}, full {full!r}")
-        rest = full[len(prompt):]
-        return rest[:rest.index(self.eos) + len(self.eos)]
+        return assistant_continuation(self.processor, self.eos, user_turn(question),
+                                      answer).text
 
     def __call__(self, items: Sequence[ShapesItem]) -> Batch:
         enc = self.processor(text=[self.prompt_text(it.question) for it in items],
