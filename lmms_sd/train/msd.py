@@ -21,23 +21,33 @@ uniform in [-noise/2, noise/2] (EAGLE further scales it by 512 / sequence length
 
     python -m lmms_sd.train.msd --target lmms_sd/assets/shapes/llava/target \
         --out lmms_sd/assets/shapes/llava/msd_head --steps 300
+
+Real data (``train/conversations.py``): ``--text-data`` ShareGPT / LLaVA JSON feeds the text-only
+batches, ``--mm-data`` LLaVA JSON with ``--image-folder`` the multimodal ones (with only
+``--mm-data``, text-only batches are its conversations with the images dropped, as
+``Batch.text_only`` does). Under ``accelerate launch`` every process loads the frozen target on
+its own device and trains on its own shard; the head is prepared (DDP or DeepSpeed ZeRO-2),
+``OUT/state`` holds accelerate's resumable state, and the main process writes the head in the
+published layout. ``launch/train_msd.sh`` has the 7B / 13B recipes.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import shlex
+import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from ..core.generate import GenerationConfig, generate
@@ -45,6 +55,7 @@ from ..drafters.msd import POSITION_SCHEMES, MSDConfig, MSDDrafter, qwen2_vl_rop
 from ..drafters.msd_format import new_msd_head, save_msd_head
 from ..drafters.msd_head import MSDHead
 from ..trees import make_builder
+from .conversations import ConversationCollator, ConversationStream, load_conversations
 from .data import Batch, ShapesCollator
 from .loop import OptimConfig, run_training, train_items
 
@@ -140,6 +151,8 @@ def head_loss(head: MSDHead, batch: Batch, tp: TargetPass, cfg: MSDTrainConfig,
     causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril().expand(len(ids), -1, -1)
     g = head(u, positions, causal)  # [B, T-1, H]
     answer = batch.answer_mask()[:, 1:]  # slot p scores x_{p+1}
+    if not bool(answer.any()):  # every answer truncated away: zero loss, zero gradients
+        return g.sum() * 0.0, {"feature_loss": 0.0, "token_loss": 0.0, "top1": 0.0}
     pred, want = g[answer].float(), tp.features[:, 1:][answer].float()  # [N, H]
     feature_loss = F.smooth_l1_loss(pred, want)
     with torch.no_grad():
@@ -152,38 +165,117 @@ def head_loss(head: MSDHead, batch: Batch, tp: TargetPass, cfg: MSDTrainConfig,
                   "token_loss": float(token_loss.detach()), "top1": float(top1)}
 
 
-def train_msd_head(head: MSDHead, target: PreTrainedModel, processor: Any, optim: OptimConfig,
-                   cfg: MSDTrainConfig = MSDTrainConfig()) -> dict:
-    """Train ``head`` in place on shapes answers under ``target``, text-only batches first
-    (``cfg.text_phase``); return the record."""
-    collate = ShapesCollator(processor)
-    image_token_id = target.config.image_token_id
-    pad_token_id = processor.tokenizer.pad_token_id
-    target.eval()
-    device = target.get_output_embeddings().weight.device
-    generator = torch.Generator(device).manual_seed(optim.seed)
-    last: dict = {}
-    kinds = {"text_only_batches": 0, "multimodal_batches": 0}
+@dataclass(frozen=True)
+class _FrozenTarget:
+    """Held outside the module tree: accelerate must not prepare (wrap, shard) the target."""
+    model: PreTrainedModel
 
-    def batch_at(step: int) -> Batch:
-        batch = collate(train_items(step, optim.batch_size, optim.seed))
-        if cfg.curriculum and not is_multimodal_step(step, optim.steps, cfg.text_phase,
-                                                     optim.seed):
-            batch = batch.text_only(image_token_id, pad_token_id)
-            kinds["text_only_batches"] += 1
-        else:
-            kinds["multimodal_batches"] += 1
-        return Batch(batch.input_ids.to(device), batch.attention_mask.to(device),
-                     batch.labels.to(device), {k: v.to(device) for k, v in batch.vision.items()})
 
-    def loss_fn(batch: Batch) -> Tensor:
-        loss, parts = head_loss(head, batch, target_pass(target, batch), cfg, image_token_id,
-                                generator)
-        last.update(parts)
+class MSDLoss(nn.Module):
+    """The head with its objective: ``forward(batch)`` runs the frozen target's pass and returns
+    MSD's loss, so that under DDP / DeepSpeed the whole head step goes through the wrapper."""
+
+    def __init__(self, head: MSDHead, target: PreTrainedModel, cfg: MSDTrainConfig,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.head, self.frozen, self.cfg, self.generator = head, _FrozenTarget(target), cfg, generator
+        self.last: dict = {}
+
+    def forward(self, batch: Batch) -> Tensor:
+        target = self.frozen.model
+        loss, parts = head_loss(self.head, batch, target_pass(target, batch), self.cfg,
+                                target.config.image_token_id, self.generator)
+        self.last.update(parts)
         return loss
 
-    record = run_training(head, loss_fn, batch_at, optim, desc="msd_head")
-    return {**record, "msd": asdict(cfg), "curriculum": kinds, "last_batch": dict(last)}
+
+@dataclass
+class ConversationData:
+    """Real-data batch sources of one process: either may be None (see ``batch_source``)."""
+    collate: ConversationCollator
+    text: ConversationStream | None = None
+    multimodal: ConversationStream | None = None
+    _drawn: dict = field(default_factory=lambda: {"step": 0, "text": 0, "multimodal": 0})
+
+    def __post_init__(self) -> None:
+        if self.text is None and self.multimodal is None:
+            raise ValueError("ConversationData needs text or multimodal conversations")
+
+    def index(self, step: int, kind: str, is_multimodal: Any) -> int:
+        """How many ``kind`` batches the steps before ``step`` drew: the stream index of this
+        step (counted on from the last call; from scratch when the steps go backwards)."""
+        if self.text is None or self.multimodal is None:
+            return step  # one stream serves every step
+        drawn = self._drawn
+        if step < drawn["step"]:
+            drawn.update(step=0, text=0, multimodal=0)
+        for s in range(drawn["step"], step):
+            drawn["multimodal" if is_multimodal(s) else "text"] += 1
+        drawn["step"] = step
+        return drawn[kind]
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device),
+                 batch.labels.to(device), {k: v.to(device) for k, v in batch.vision.items()})
+
+
+def batch_source(collate_shapes: ShapesCollator, data: ConversationData | None,
+                 optim: OptimConfig, cfg: MSDTrainConfig, image_token_id: int, pad_token_id: int,
+                 device: torch.device, kinds: dict[str, int], rank: int = 0,
+                 world_size: int = 1) -> Callable[[int], Batch]:
+    """batch_at(step): this process's batch of ``step``, text-only or multimodal as the
+    curriculum draws (the same draw on every process). Shapes items when ``data`` is None
+    (process r of n takes the stream's batch ``step * n + r``)."""
+    def is_multimodal(step: int) -> bool:
+        if data is not None and data.multimodal is None:
+            return False  # text data only: there is no multimodal phase
+        return not cfg.curriculum or is_multimodal_step(step, optim.steps, cfg.text_phase,
+                                                        optim.seed)
+
+    def batch_at(step: int) -> Batch:
+        multimodal = is_multimodal(step)
+        kind = "multimodal" if multimodal else "text"
+        if data is None:
+            batch = collate_shapes(train_items(step * world_size + rank, optim.batch_size,
+                                               optim.seed))
+        else:
+            stream = data.multimodal if multimodal or data.text is None else data.text
+            used = "multimodal" if stream is data.multimodal else "text"
+            batch = data.collate(stream.batch(data.index(step, used, is_multimodal)))
+        if not multimodal:
+            batch = batch.text_only(image_token_id, pad_token_id)
+        kinds[f"{'multimodal' if multimodal else 'text_only'}_batches"] += 1
+        return _to(batch, device)
+
+    return batch_at
+
+
+def train_msd_head(head: MSDHead, target: PreTrainedModel, processor: Any, optim: OptimConfig,
+                   cfg: MSDTrainConfig = MSDTrainConfig(), *,
+                   data: ConversationData | None = None, accelerator: Any = None,
+                   state_dir: Path | None = None) -> dict:
+    """Train ``head`` in place under ``target``, text-only batches first (``cfg.text_phase``);
+    return the record. Shapes answers without ``data``. With an ``accelerator`` (``accelerate
+    launch``) the head is prepared and ``state_dir`` holds the resumable state; without one the
+    shared loop runs as it always has."""
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    target.eval()
+    device = target.get_output_embeddings().weight.device
+    generator = torch.Generator(device).manual_seed(optim.seed + rank)
+    kinds = {"text_only_batches": 0, "multimodal_batches": 0}
+    batch_at = batch_source(ShapesCollator(processor), data, optim, cfg,
+                            target.config.image_token_id, processor.tokenizer.pad_token_id,
+                            device, kinds, rank, world)
+    objective = MSDLoss(head, target, cfg, generator)
+    if accelerator is not None:
+        record = run_training(objective, None, batch_at, optim, desc="msd_head",
+                              checkpoint=state_dir, accelerator=accelerator)
+    else:
+        record = run_training(head, objective, batch_at, optim, desc="msd_head")
+    return {**record, "msd": asdict(cfg), "curriculum": kinds,
+            "last_batch": dict(objective.last)}
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -215,16 +307,44 @@ def measure_tau(target_adapter: Any, head: MSDHead, prompts: Sequence[Any], tree
             "acceptance_rate": accepted / max(drafted, 1), "n_prompts": len(prompts)}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from ..adapters.loading import load_adapter
-    from .evaluate import eval_items
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def _files(values: Sequence[str] | None) -> list[str]:
+    """Repeatable, comma-separated file options -> one list."""
+    return [f for v in values or () for f in v.split(",") if f]
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", required=True, help="a saved target VLM (LLaVA or Qwen2-VL)")
     ap.add_argument("--out", required=True, help="folder for the head (EAGLE/MSD layout)")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=16)
+    data = ap.add_argument_group("real data (default: the synthetic shapes task)")
+    data.add_argument("--text-data", action="append", help="ShareGPT / LLaVA JSON for the "
+                      "text-only batches (repeatable, or comma-separated)")
+    data.add_argument("--mm-data", action="append", help="LLaVA JSON for the multimodal "
+                      "batches (repeatable, or comma-separated)")
+    data.add_argument("--image-folder", help="the folder the --mm-data image paths are under")
+    data.add_argument("--max-length", type=int, default=2048, help="tokens per row (MSD: 2048)")
+    length = ap.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimiser steps (default 300)")
+    length.add_argument("--epochs", type=float, help="passes over the multimodal data (the "
+                        "text data when there is none), per process")
+    ap.add_argument("--batch-size", type=int, default=16, help="per process")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup-steps", type=int, help="default: min(30, steps - 1)")
+    ap.add_argument("--grad-clip", type=float, default=OptimConfig.grad_clip)
+    ap.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
+    ap.add_argument("--beta2", type=float, default=OptimConfig.betas[1], help="AdamW beta2")
+    ap.add_argument("--noise", type=float, default=MSDTrainConfig.noise,
+                    help="width of the uniform noise on the input features")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                    help="the frozen target's dtype (auto: bfloat16 on GPU, float32 on CPU); "
+                         "the head trains in float32")
+    ap.add_argument("--save-every", type=int, default=500, help="steps per resumable state "
+                    "(under accelerate)")
+    ap.add_argument("--log-every", type=int, default=25, help="steps per loss-history entry")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/state")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--positions", default="target", choices=POSITION_SCHEMES)
     ap.add_argument("--text-phase", type=float, default=MSDTrainConfig.text_phase,
@@ -232,26 +352,100 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--no-curriculum", action="store_true",
                     help="train on multimodal batches only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--eval-items", type=int, default=16)
-    args = ap.parse_args(argv)
+    ap.add_argument("--eval-items", type=int, default=16, help="shapes items for the tau "
+                    "check after training (shapes data only; 0: none)")
+    return ap
+
+
+def _conversation_data(args: argparse.Namespace, processor: Any, batch_size: int, rank: int,
+                       world: int) -> ConversationData | None:
+    text_files, mm_files = _files(args.text_data), _files(args.mm_data)
+    if not text_files and not mm_files:
+        if args.image_folder or args.epochs is not None:
+            raise SystemExit("--image-folder and --epochs need --text-data or --mm-data")
+        return None
+    if mm_files and not args.image_folder:
+        raise SystemExit("--mm-data needs --image-folder")
+
+    def stream(convs: list) -> ConversationStream | None:
+        return ConversationStream(convs, batch_size, args.seed, rank, world) if convs else None
+
+    text = [c for f in text_files for c in load_conversations(f, drop_images=True)]
+    mm = [c for f in mm_files for c in load_conversations(f, args.image_folder)]
+    return ConversationData(ConversationCollator(processor, args.max_length), stream(text),
+                            stream(mm))
+
+
+def _process_summary(head: MSDHead, data: ConversationData | None, accelerator: Any) -> dict:
+    """What one process trained: its rank, the first conversations of its epoch-0 shards and a
+    digest of its head's weights (equal on every process when the gradients were synchronised)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(head.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    shards = {}
+    for kind in ("text", "multimodal"):
+        stream = getattr(data, kind, None) if data is not None else None
+        if stream is not None:
+            shards[kind] = [c.id for c in stream.shard(0)[:8]]
+    return {"rank": accelerator.process_index, "head_sha256": digest.hexdigest(),
+            "first_conversations": shards}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from ..adapters.loading import load_adapter
+    from .evaluate import eval_items
+
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    adapter = load_adapter(args.target)
+    accelerator = Accelerator(step_scheduler_with_optimizer=False)
+    out, main_process = Path(args.out), accelerator.is_main_process
+    state_dir = out / "state"
+    if args.resume != state_dir.is_dir():
+        raise SystemExit(f"--resume needs {state_dir}" if args.resume else
+                         f"{state_dir} exists: pass --resume to continue it, or remove it")
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if accelerator.device.type == "cuda"
+                                       else torch.float32)
+    adapter = load_adapter(args.target, device=accelerator.device, dtype=dtype)
     torch.manual_seed(args.seed)
-    head = new_msd_head(adapter.model)
-    optim = OptimConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        warmup_steps=min(30, args.steps - 1), seed=args.seed)
-    record = train_msd_head(head, adapter.model, adapter.processor, optim,
-                            MSDTrainConfig(positions=args.positions, text_phase=args.text_phase,
-                                           curriculum=not args.no_curriculum))
-    save_msd_head(head, args.out)
-    items = eval_items(args.eval_items // 2, args.eval_items - args.eval_items // 2)
-    prompts = [adapter.prepare(it.question, [it.image]) for it in items]
-    record["eval"] = measure_tau(adapter, head, prompts, "chain", positions=args.positions, k=6)
-    record["command"] = "python -m lmms_sd.train.msd " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    record["threads"] = torch.get_num_threads()
-    (Path(args.out) / "train_record.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record["eval"], indent=2))
+    head = new_msd_head(adapter.model).float()  # float32 weights beside a bf16 target
+    data = _conversation_data(args, adapter.processor, args.batch_size,
+                              accelerator.process_index, accelerator.num_processes)
+    if args.epochs is not None:
+        per_epoch = (data.multimodal or data.text).batches_per_epoch
+        steps = max(1, round(args.epochs * per_epoch))
+    else:
+        steps = args.steps if args.steps is not None else 300
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(30, steps - 1)
+    optim = OptimConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup,
+                        grad_clip=args.grad_clip, weight_decay=args.weight_decay,
+                        betas=(OptimConfig.betas[0], args.beta2), seed=args.seed,
+                        log_every=args.log_every, checkpoint_every=args.save_every)
+    cfg = MSDTrainConfig(noise=args.noise, positions=args.positions, text_phase=args.text_phase,
+                         curriculum=not args.no_curriculum)
+    record = train_msd_head(head, adapter.model, adapter.processor, optim, cfg, data=data,
+                            accelerator=accelerator, state_dir=state_dir)
+    record["processes"] = gather_object([_process_summary(head, data, accelerator)])
+    if main_process:
+        save_msd_head(head, out)  # ``head`` is what the prepared wrapper unwraps to
+        if data is None and args.eval_items > 0:
+            items = eval_items(args.eval_items // 2, args.eval_items - args.eval_items // 2)
+            prompts = [adapter.prepare(it.question, [it.image]) for it in items]
+            record["eval"] = measure_tau(adapter, head.to(dtype), prompts, "chain",
+                                         positions=args.positions, k=6)
+            print(json.dumps(record["eval"], indent=2))
+        record["command"] = "python -m lmms_sd.train.msd " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        record["threads"] = torch.get_num_threads()
+        record["data"] = {"text": _files(args.text_data), "multimodal": _files(args.mm_data),
+                          "image_folder": args.image_folder, "max_length": args.max_length}
+        (out / "train_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    if main_process and state_dir.is_dir():  # the head is saved: nothing left to resume
+        shutil.rmtree(state_dir)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
