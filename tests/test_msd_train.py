@@ -1,17 +1,34 @@
 """MSD head training: what the target pass captures, the text-only -> multimodal curriculum,
-and a short run on the tiny targets that lowers the loss and drafts losslessly with some
-acceptance (so accepted paths are exercised)."""
+a short run on the tiny targets that lowers the loss and drafts losslessly with some
+acceptance (so accepted paths are exercised), and real ``accelerate launch`` runs on
+conversation files: one CPU process, and two gloo processes that train on different data and
+save the synchronised head."""
 from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from lmms_sd.core.generate import GenerationConfig, generate
 from lmms_sd.data.shapes import make_items
-from lmms_sd.drafters.msd_format import new_msd_head
+from lmms_sd.drafters.msd import load_msd_drafter
+from lmms_sd.drafters.msd_format import load_msd_head, new_msd_head
+from lmms_sd.train.conversations import ConversationCollator, load_conversations
 from lmms_sd.train.data import ShapesCollator
+from lmms_sd.trees import make_builder
+from test_msd_data import write_data
+
+ROOT = Path(__file__).resolve().parents[1]
 from lmms_sd.train.loop import OptimConfig
 from lmms_sd.train.msd import (
     MSDTrainConfig,
+    head_digest,
     head_loss,
     is_multimodal_step,
     measure_tau,
@@ -110,3 +127,87 @@ def test_training_follows_the_curriculum(target) -> None:
     record = train_msd_head(head, target.model, target.processor, optim,
                             MSDTrainConfig(curriculum=False))
     assert record["curriculum"] == {"text_only_batches": 0, "multimodal_batches": 4}
+
+
+# ---------------------------------------------------------------------------- accelerate launch
+
+def _free_port() -> int:
+    with socket.socket() as s:  # other test runs share this machine: never the default port
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], processes: int = 1) -> dict:
+    """``python -m accelerate.commands.launch ... -m lmms_sd.train.msd ARGS``; the record."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch",
+                "--main_process_port", str(_free_port())]
+    if processes == 1:
+        launcher += ["--num_processes", "1", "--cpu"]
+    else:  # `--cpu --num_processes 2` silently runs one process; this runs two gloo ones
+        env["ACCELERATE_USE_CPU"] = "true"
+        launcher += ["--config_file", str(ROOT / "launch/accelerate_cpu.yaml"),
+                     "--num_processes", str(processes)]
+    run = subprocess.run([*launcher, "-m", "lmms_sd.train.msd", *args], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = Path(args[args.index("--out") + 1])
+    assert not (out / "state").exists()  # removed once the head is saved
+    return json.loads((out / "train_record.json").read_text())
+
+
+def eval_loss(head, target, batch) -> float:
+    """MSD's loss of ``head`` on ``batch`` without noise."""
+    with torch.no_grad():
+        loss, _ = head_loss(head, batch, target_pass(target, batch), MSDTrainConfig(noise=0.0),
+                            target.config.image_token_id)
+    return float(loss)
+
+
+def test_accelerate_launch_trains_on_conversation_files(tiny_paths, tiny_adapters,
+                                                        tmp_path: Path) -> None:
+    files = write_data(tmp_path)
+    out = tmp_path / "head"
+    record = launch(["--target", str(tiny_paths["llava"]["target"]), "--out", str(out),
+                     "--mm-data", str(files["mm"]), "--image-folder", str(tmp_path / "images"),
+                     "--text-data", str(files["text"]), "--steps", "12", "--batch-size", "2",
+                     "--warmup-steps", "2", "--log-every", "4", "--save-every", "4",
+                     "--grad-clip", "0.5", "--beta2", "0.95"])
+    assert [h["step"] for h in record["loss_history"]] == [4, 8, 12]
+    kinds = record["curriculum"]
+    assert kinds["text_only_batches"] >= 6 and kinds["multimodal_batches"] >= 1
+    assert record["optim"]["grad_clip"] == 0.5 and record["optim"]["betas"] == [0.9, 0.95]
+    target = tiny_adapters["llava"]["target"]
+    torch.manual_seed(0)  # the trainer's initial head (--seed 0)
+    untrained, trained = new_msd_head(target.model), load_msd_head(out, target.model)
+    collate = ConversationCollator(target.processor)
+    for batch in (collate(load_conversations(files["mm"], tmp_path / "images")),
+                  collate(load_conversations(files["text"]))):
+        assert eval_loss(trained, target.model, batch) < eval_loss(untrained, target.model, batch)
+    drafter = load_msd_drafter(str(out), target.model)
+    cfg = GenerationConfig(max_new_tokens=16, eos_token_ids=target.eos_token_ids)
+    for it in make_items(2, seed=3, split="test"):
+        prompt = target.prepare(it.question, [it.image])
+        plain = generate(target, prompt, cfg).tokens
+        assert generate(target, prompt, cfg, drafter, make_builder("chain", k=4)).tokens == plain
+
+
+def test_two_processes_train_on_different_data_and_save_the_synchronised_head(
+        tiny_paths, tiny_adapters, tmp_path: Path) -> None:
+    files = write_data(tmp_path)
+    out = tmp_path / "head"
+    record = launch(["--target", str(tiny_paths["qwen2_vl"]["target"]), "--out", str(out),
+                     "--mm-data", str(files["mm"]), "--image-folder", str(tmp_path / "images"),
+                     "--steps", "3", "--batch-size", "1", "--warmup-steps", "1",
+                     "--log-every", "1"], processes=2)
+    ranks = sorted(record["processes"], key=lambda p: p["rank"])
+    assert [p["rank"] for p in ranks] == [0, 1]
+    first = [set(p["first_conversations"]["multimodal"]) for p in ranks]
+    assert first[0] and first[1] and not first[0] & first[1]  # different conversations
+    assert ranks[0]["head_sha256"] == ranks[1]["head_sha256"]  # gradients were all-reduced
+    target = tiny_adapters["qwen2_vl"]["target"].model
+    saved = load_msd_head(out, target, dtype=torch.float32)
+    assert head_digest(saved) == ranks[0]["head_sha256"]
+    torch.manual_seed(0)
+    assert head_digest(new_msd_head(target).float()) != ranks[0]["head_sha256"]  # it trained

@@ -376,18 +376,23 @@ def _conversation_data(args: argparse.Namespace, processor: Any, batch_size: int
                             stream(mm))
 
 
-def _process_summary(head: MSDHead, data: ConversationData | None, accelerator: Any) -> dict:
-    """What one process trained: its rank, the first conversations of its epoch-0 shards and a
-    digest of its head's weights (equal on every process when the gradients were synchronised)."""
+def head_digest(head: MSDHead) -> str:
+    """sha256 of the head's own weights (fc, layers) as float32."""
     digest = hashlib.sha256()
     for name, tensor in sorted(head.state_dict().items()):
         digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _process_summary(head: MSDHead, data: ConversationData | None, accelerator: Any) -> dict:
+    """What one process trained: its rank, the first conversations of its epoch-0 shards and a
+    digest of its head's weights (equal on every process when the gradients were synchronised)."""
     shards = {}
     for kind in ("text", "multimodal"):
         stream = getattr(data, kind, None) if data is not None else None
         if stream is not None:
             shards[kind] = [c.id for c in stream.shard(0)[:8]]
-    return {"rank": accelerator.process_index, "head_sha256": digest.hexdigest(),
+    return {"rank": accelerator.process_index, "head_sha256": head_digest(head),
             "first_conversations": shards}
 
 
