@@ -11,8 +11,12 @@ import pytest
 import torch
 
 from lmms_sd.data.shapes import make_items
-from lmms_sd.train.conversations import (ConversationCollator, ConversationStream,
-                                         load_conversations, parse_entry)
+from lmms_sd.train.conversations import (
+    ConversationCollator,
+    ConversationStream,
+    load_conversations,
+    parse_entry,
+)
 from lmms_sd.train.data import IGNORE_INDEX, ShapesCollator, assistant_continuation
 
 # llava-hf/llava-1.5-7b-hf's chat template: an assistant turn ends with a space, not "</s>"

@@ -8,7 +8,8 @@ The layouts (read from the sources, 2025 snapshots):
          "value": "The bus in the image is white and red."}, ...]}``; the image path is relative to
          the image folder, entries without ``"image"`` are text-only, and some ids are ints (MSD's
          ge_data/convert.py turns them into strings first).
-  ShareGPT ShareGPT_V4.3_unfiltered_cleaned_split.json (SafeAILab/EAGLE eagle/ge_data/ge_data_all_*.py):
+  ShareGPT ShareGPT_V4.3_unfiltered_cleaned_split.json (SafeAILab/EAGLE
+         eagle/ge_data/ge_data_all_*.py, read in its MSD copy):
          ``{"id", "conversations": [{"from": "human" | "gpt" | ..., "value"}]}``. EAGLE's ge_data
          drops a first turn that is not from the human and asserts that the roles then alternate.
 
@@ -36,7 +37,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .data import IGNORE_INDEX, VISION_KEYS, Batch, ShapesCollator, _pad, assistant_continuation
+from .data import (
+    IGNORE_INDEX,
+    VISION_KEYS,
+    Batch,
+    ShapesCollator,
+    _pad,
+    assistant_continuation,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -14,8 +14,9 @@ the assistant's answer as the chat template writes it, up to and including the E
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

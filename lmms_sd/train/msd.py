@@ -178,7 +178,8 @@ class MSDLoss(nn.Module):
     def __init__(self, head: MSDHead, target: PreTrainedModel, cfg: MSDTrainConfig,
                  generator: torch.Generator | None = None):
         super().__init__()
-        self.head, self.frozen, self.cfg, self.generator = head, _FrozenTarget(target), cfg, generator
+        self.head, self.frozen = head, _FrozenTarget(target)
+        self.cfg, self.generator = cfg, generator
         self.last: dict = {}
 
     def forward(self, batch: Batch) -> Tensor:
@@ -235,7 +236,6 @@ def batch_source(collate_shapes: ShapesCollator, data: ConversationData | None,
 
     def batch_at(step: int) -> Batch:
         multimodal = is_multimodal(step)
-        kind = "multimodal" if multimodal else "text"
         if data is None:
             batch = collate_shapes(train_items(step * world_size + rank, optim.batch_size,
                                                optim.seed))
