@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..data.shapes import ShapesItem, make_items
+from ..data.shapes import TOPICS, ShapesItem, make_items
 from .data import Batch
 
 
@@ -65,9 +65,10 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_items(step: int, batch_size: int, seed: int) -> list[ShapesItem]:
+def train_items(step: int, batch_size: int, seed: int,
+                topics: Sequence[str] = TOPICS) -> list[ShapesItem]:
     """The training items of one step: fresh scenes every step, reproducible from the seed."""
-    return make_items(batch_size, seed=seed * 1_000_000 + step, split="train")
+    return make_items(batch_size, seed=seed * 1_000_000 + step, split="train", topics=topics)
 
 
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.visual.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import (LlavaForConditionalGeneration, PreTrainedModel,
                           PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration)
 
+from ..data.shapes import TOPICS
 from ..testing.tiny import FAMILIES, llava_config, qwen2_vl_config
 from .data import IGNORE_INDEX, Batch, ShapesCollator
 from .loop import OptimConfig, run_training, train_items
@@ -60,15 +61,16 @@ def answer_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def train_target(model: PreTrainedModel, processor: Any, cfg: OptimConfig,
-                 checkpoint: Path | None = None) -> dict:
-    """Train ``model`` in place on shapes answers; return the training record (``checkpoint``:
-    see ``run_training``)."""
+                 checkpoint: Path | None = None, topics: Sequence[str] = TOPICS,
+                 desc: str = "target") -> dict:
+    """Train ``model`` in place on shapes answers of ``topics``; return the training record
+    (``checkpoint``: see ``run_training``)."""
     collate = ShapesCollator(processor)
 
     def batch_at(step: int) -> Batch:
-        return collate(train_items(step, cfg.batch_size, cfg.seed))
+        return collate(train_items(step, cfg.batch_size, cfg.seed, topics))
 
     def loss_fn(batch: Batch) -> Tensor:
         return answer_cross_entropy(model(**batch.model_inputs()).logits, batch.labels)
 
-    return run_training(model, loss_fn, batch_at, cfg, desc="target", checkpoint=checkpoint)
+    return run_training(model, loss_fn, batch_at, cfg, desc=desc, checkpoint=checkpoint)
