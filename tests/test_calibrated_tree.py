@@ -365,3 +365,21 @@ def test_compare_reports_both_trees_at_the_same_budget(tiny_adapters, eager_draf
     assert result["measured_items"] == 2 and len(result["trees"]) == 3
     assert all(t["tree_size"] <= 6 and t["tau"] >= 1.0 for t in result["trees"])
     assert result["held_out_ece"]["n"] > 0
+
+
+def test_collect_command_with_an_msd_head(tiny_paths, tiny_adapters, tmp_path: Path) -> None:
+    """``--head``: traces of the head *_msd_calibrated steers; it reports no attention (0)."""
+    from lmms_sd.drafters.msd_format import new_msd_head, save_msd_head
+
+    paths, target = tiny_paths["qwen2_vl"], tiny_adapters["qwen2_vl"]["target"]
+    torch.manual_seed(0)
+    save_msd_head(new_msd_head(target.model), tmp_path / "head")
+    out = tmp_path / "traces.jsonl"
+    assert collect_main(["--target", str(paths["target"]), "--head", str(tmp_path / "head"),
+                         "--items", "2", "--out", str(out), "--nodes", "6", "--max-depth", "3",
+                         "--threshold", "0", "--max-new-tokens", "8"]) == 0
+    _, records = read_traces([out])
+    assert len(records) > 12 and all(r.features.attention == 0 for r in records)
+    with pytest.raises(SystemExit):  # a draft model and a head at once
+        collect_main(["--target", str(paths["target"]), "--head", str(tmp_path / "head"),
+                      "--draft", str(paths["draft_vlm"]), "--items", "1", "--out", str(out)])

@@ -1,12 +1,13 @@
 """Collect acceptance traces by decoding shapes-task prompts with the plain OPT-Tree.
 
-    python -m lmms_sd.calibration.collect --target PATH --draft PATH --items N --out traces.jsonl \\
-        [--split train] [--seed 0] [--nodes 60] [--threshold 0.5] [--max-depth 10] \\
-        [--max-new-tokens 80] [--no-attention]
+    python -m lmms_sd.calibration.collect --target PATH (--draft PATH | --head PATH) --items N \\
+        --out traces.jsonl [--split train] [--seed 0] [--nodes 60] [--threshold 0.5] \\
+        [--max-depth 10] [--max-new-tokens 80] [--no-attention]
 
 Every item of ``lmms_sd.data.shapes.make_items(N, seed, split)`` is decoded greedily with a
 draft model (a draft VLM, loaded with eager attention to read its image attention, or a text-only
-LM) and the plain OPT-Tree; every verified step becomes trace records (``recording.py``), labelled
+LM) or an MSD head (``--head``: it reports no attention, so ``--no-attention`` is implied), and
+the plain OPT-Tree; every verified step becomes trace records (``recording.py``), labelled
 from the verify forward the loop runs anyway. Then fit a calibrator offline::
 
     python -m lmms_sd.calibration.cli fit --traces traces.jsonl --out calibrator.json
@@ -25,6 +26,7 @@ from ..core.generate import GenerationConfig, GenerationStats, generate
 from ..core.interfaces import Drafter, PromptInputs
 from ..data.shapes import SPLITS, make_items
 from ..drafters.model import ModelDrafter
+from ..drafters.msd import load_msd_drafter
 from ..trees.opt import OptBuilder, OptConfig
 from .calibrator import vocab_fingerprint
 from .features import tokenizer_categories
@@ -67,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lmms_sd.calibration.collect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, type=Path)
-    ap.add_argument("--draft", required=True, type=Path)
+    drafter = ap.add_mutually_exclusive_group(required=True)
+    drafter.add_argument("--draft", type=Path, help="a draft model (VLM or text-only LM)")
+    drafter.add_argument("--head", type=Path, help="an MSD head in the published layout "
+                         "(what *_msd_calibrated steers)")
     ap.add_argument("--items", required=True, type=int)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--split", choices=SPLITS, default="train")
@@ -86,9 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.items < 1:
         raise ValueError(f"--items must be >= 1, got {args.items}")
-    attention = not args.no_attention
+    attention = not args.no_attention and args.head is None
     target = load_adapter(args.target, device=args.device)
-    drafter = load_draft(args.draft, target, attention)
+    drafter = (load_msd_drafter(str(args.head), target.model) if args.head is not None
+               else load_draft(args.draft, target, attention))
     items = make_items(args.items, args.seed, args.split)
     prompts = [target.prepare(it.question, [it.image]) for it in items]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens,
