@@ -92,5 +92,6 @@ def test_model_cards_quote_the_measured_figures(family: str) -> None:
         card = (CARDS / f"shapes_{family}_{role}.md").read_text()
         assert f"**{ev['content_accuracy']:.3f}**" in card, (family, role)
         assert metrics["models"][role]["command"] in card
+        assert ("stage 1 on the" in card) == ("stage1" in metrics["models"][role]), role
         if role != "target":
             assert f"**tau {ev['speculative']['tau']:.2f}**" in card, (family, role)

@@ -50,6 +50,18 @@ def _figures(family: str, role: str, entry: dict, k: int) -> list[str]:
     return lines
 
 
+def _stage1(stage: dict | None) -> list[str]:
+    """The target's first stage (questions of some topics only), when it had one."""
+    if stage is None:
+        return []
+    opt = stage["optim"]
+    return [f"- before that, stage 1 on the {' / '.join(stage['topics'])} questions only: "
+            f"lr {opt['lr']}, {opt['warmup_steps']} warmup steps, {opt['steps']} steps x batch "
+            f"{opt['batch_size']}, seed {opt['seed']}, final loss {stage['final_loss']:.4f}, "
+            f"{stage['train_seconds'] / 60:.1f} min (it teaches the vision path colours, which "
+            "training on every topic from the start left at chance)"]
+
+
 def model_card(metrics: dict, role: str) -> str:
     """The markdown card of one role of one family."""
     family, entry = metrics["family"], metrics["models"][role]
@@ -82,9 +94,12 @@ def model_card(metrics: dict, role: str) -> str:
         f"- AdamW, lr {opt['lr']}, weight decay {opt['weight_decay']} (matrices), "
         f"{opt['warmup_steps']} warmup steps then cosine to {opt['min_lr_ratio']} x lr, "
         f"grad clip {opt['grad_clip']}, {opt['steps']} steps x batch {opt['batch_size']}, "
-        f"seed {opt['seed']}",
+        f"seed {opt['seed']}"
+        + (f", vision encoder + projector at {opt['vision_lr_scale']} x lr"
+           if opt.get("vision_lr_scale", 1.0) != 1.0 else ""),
         f"- final training loss {train['final_loss']:.4f}; {train['train_seconds'] / 60:.1f} min "
         f"on a shared 2-core CPU ({entry['environment']['threads']} torch thread(s))",
+        *_stage1(entry.get("stage1")),
         f"- command: `{entry['command']}`",
         "", "## Measured", "",
         *_figures(family, role, entry, metrics["k"]),
