@@ -3,6 +3,7 @@
     python -m lmms_sd.demo                      # llava_msd on shapes_caption (48 documents)
     python -m lmms_sd.demo --model llava_sd --limit 16 --tasks shapes
     python -m lmms_sd.demo --model-args tree=dynamic   # MSD's published tree (depth 5, top-k 10, 59 nodes)
+    python -m lmms_sd.demo --model llava_msd_calibrated  # the head under the shipped calibrator
 
 It launches the real harness (``accelerate launch -m lmms_eval`` through
 ``python -m accelerate.commands.launch``, which works without torchvision), with
@@ -26,9 +27,24 @@ from typing import Sequence
 from .lmms_eval import tasks_dir
 
 DRAFT_ROLE = {"llava_msd": "msd_head", "qwen2_vl_msd": "msd_head", "llava_sd": "draft_vlm",
-              "qwen2_vl_sd": "draft_vlm"}
+              "qwen2_vl_sd": "draft_vlm", "llava_msd_calibrated": "msd_head",
+              "qwen2_vl_msd_calibrated": "msd_head"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def family_of(model: str) -> str:
+    return "qwen2_vl" if model.startswith("qwen2_vl") else "llava"
+
+
+def default_model_args(model: str) -> str:
+    """A 4-token chain; the calibrated classes (their tree is the calibrated OPT-Tree) take the
+    shipped calibrator instead (offline mode: every request is measured)."""
+    if model.endswith("_calibrated"):
+        from .assets import shipped_calibrator
+
+        return f"cal.calibrator={shipped_calibrator(family_of(model))}"
+    return "tree=chain,tree.k=4"
 
 
 def command(model: str, tasks: str, limit: int | None, out: Path, processes: int,
@@ -36,7 +52,7 @@ def command(model: str, tasks: str, limit: int | None, out: Path, processes: int
     """The accelerate + lmms-eval command line of the demo."""
     from .assets import shipped_model
 
-    family = "qwen2_vl" if model.startswith("qwen2_vl") else "llava"
+    family = family_of(model)
     if model not in DRAFT_ROLE:
         raise ValueError(f"the demo runs one of {sorted(DRAFT_ROLE)}, not {model!r}")
     args = (f"pretrained={shipped_model(family, 'target')},"
@@ -91,11 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tasks", default="shapes_caption")
     ap.add_argument("--limit", type=int, default=0, help="documents per task (0: all)")
     ap.add_argument("--processes", type=int, default=1)
-    ap.add_argument("--model-args", default="tree=chain,tree.k=4",
-                    help="extra model_args (default: %(default)s)")
+    ap.add_argument("--model-args", default=None, help="extra model_args (default: "
+                    "tree=chain,tree.k=4; cal.calibrator=<shipped> for the calibrated classes)")
     ap.add_argument("--out", default="runs/demo")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.model_args is None:
+        args.model_args = default_model_args(args.model)
     cmd = command(args.model, args.tasks, args.limit or None, out, args.processes, args.model_args)
     env = {**os.environ, **OFFLINE}
     if args.processes > 1:

@@ -35,3 +35,14 @@ def test_summary_table_reads_results_json():
     assert "0.900" in row and "3.5" in row and "1.8" in row
     last = table.splitlines()[-1]
     assert last.startswith("| all") and "| 0 |" in last and "412" in last
+
+
+def test_demo_gives_the_calibrated_classes_the_shipped_calibrator():
+    from lmms_sd.assets import CALIBRATOR_FILE, SHAPES_DIR
+
+    assert demo.default_model_args("llava_msd") == "tree=chain,tree.k=4"
+    for family in ("llava", "qwen2_vl"):
+        args = demo.default_model_args(f"{family}_msd_calibrated")
+        assert args == f"cal.calibrator={SHAPES_DIR / family / CALIBRATOR_FILE}"
+        cmd = demo.command(f"{family}_msd_calibrated", "shapes", 2, demo.Path("out"), 1, args)
+        assert f"draft={SHAPES_DIR / family / 'msd_head'}" in cmd[cmd.index("--model_args") + 1]

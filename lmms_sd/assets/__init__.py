@@ -2,6 +2,8 @@
 
     lmms_sd/assets/shapes/<family>/<role>/   save_pretrained weights + processor or tokenizer
     lmms_sd/assets/shapes/<family>/metrics.json   how they were trained and what they measure
+    lmms_sd/assets/shapes/<family>/calibrator_msd_head.json   the acceptance calibrator of the
+                                                  MSD head (``*_msd_calibrated``, offline mode)
 
 Families: ``llava``, ``qwen2_vl``. Roles: ``target`` (the VLM), ``draft_vlm`` (a 1-layer draft
 of the same family), ``text_only`` (a Llama / Qwen2 draft that never sees the image); later
@@ -41,3 +43,14 @@ def shipped_metrics(family: str) -> dict:
         raise FileNotFoundError(f"no shipped metrics for family {family!r}; "
                                 f"shipped: {shipped_models() or 'none'}")
     return json.loads(path.read_text())
+
+
+CALIBRATOR_FILE = "calibrator_msd_head.json"
+
+
+def shipped_calibrator(family: str) -> Path:
+    """The calibrator fitted on the shipped MSD head's traces (``cal.calibrator=``)."""
+    path = SHAPES_DIR / family / CALIBRATOR_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped calibrator for family {family!r} at {path}")
+    return path
