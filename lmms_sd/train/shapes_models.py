@@ -8,6 +8,8 @@ writes under ``--out``::
     target/ draft_vlm/ text_only/   save_pretrained weights (safetensors) + processor/tokenizer
     metrics.json                    recipe, parameter counts, training records, measured figures
 
+The target trains in two stages: the colours questions alone (``Recipe.colour_stage``), then
+every topic (``Recipe.target_optim``); the drafts are distilled from it.
 ``metrics.json`` keeps one entry per role under ``models``; a later trainer (e.g. an MSD head)
 adds its own role with ``update_metrics`` without touching the others. ``--stages`` retrains
 only some roles (the others are loaded from ``--out``); every present role is re-evaluated.
