@@ -22,9 +22,6 @@ from lmms_sd.drafters.msd import load_msd_drafter
 from lmms_sd.drafters.msd_format import load_msd_head, new_msd_head
 from lmms_sd.train.conversations import ConversationCollator, load_conversations
 from lmms_sd.train.data import ShapesCollator
-from lmms_sd.trees import make_builder
-
-ROOT = Path(__file__).resolve().parents[1]
 from lmms_sd.train.loop import OptimConfig
 from lmms_sd.train.msd import (
     MSDTrainConfig,
@@ -36,6 +33,9 @@ from lmms_sd.train.msd import (
     target_pass,
     train_msd_head,
 )
+from lmms_sd.trees import make_builder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_target_pass_captures_the_language_model_inputs_and_normed_features(family: str,
