@@ -43,6 +43,8 @@ DEFAULT_SPECS = (
     CascadeSpec("draft_vlm > text_only > mag, L=2", ("draft_vlm", "text_only", "mag"),
                 ((2, 1, 1), (0, 2, 2), (0, 0, 2)), 2.0),
 )
+
+
 def sweep_specs(ks: Sequence[int] = (2, 3, 4), lenience: Sequence[float] = (1.0, 2.0, 4.0)
                 ) -> list[CascadeSpec]:
     """A grid over the published knobs: draft_vlm > text_only > mag with k_matrix

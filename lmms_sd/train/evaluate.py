@@ -14,8 +14,10 @@ from typing import Sequence
 
 from ..adapters.base import HFAdapter
 from ..core.generate import GenerationConfig, generate
+from ..core.interfaces import Drafter, PromptInputs
 from ..data.shapes import TOPICS, ShapesItem, make_items, score
 from ..drafters.model import ModelDrafter
+from ..trees import TreeBuilder
 from ..trees.chain import ChainBuilder, ChainConfig
 
 MAX_NEW_TOKENS = 80  # the longest reference answer is 44 tokens with the recipe's BPE
@@ -86,6 +88,50 @@ class SpeculativeReport:
                 "n_items": self.n_items, "lossless": True}
 
 
+@dataclass(frozen=True)
+class PooledDecoding:
+    """Step statistics of greedy speculative decoding, summed over prompts."""
+
+    decode_steps: int
+    emitted: int          # tokens emitted by decode steps: accepted + 1 per step
+    accepted: int         # accepted draft tokens
+    drafted: int          # drafted depths (``GenerationStats.drafted``)
+    tree_nodes: int       # draft tokens the target verified
+    draft_forwards: int   # drafter forwards (a draft model's prefill included)
+
+    @property
+    def tau(self) -> float:
+        return self.emitted / max(self.decode_steps, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+
+def lossless_decoding(target: HFAdapter, drafter: Drafter, builder: TreeBuilder,
+                      prompts: Sequence[PromptInputs], references: Sequence[Sequence[int]],
+                      cfg: GenerationConfig, what: str,
+                      names: Sequence[str] | None = None) -> PooledDecoding:
+    """Greedy speculative decoding of every prompt, its step statistics pooled. Raises an
+    AssertionError naming ``what`` and the prompt (``names``, else its index) on any output
+    that differs from its reference, the target's own greedy output."""
+    names = names if names is not None else [f"prompt {i}" for i in range(len(prompts))]
+    steps = emitted = accepted = drafted = nodes = forwards = 0
+    for prompt, ref, name in zip(prompts, references, names, strict=True):
+        res = generate(target, prompt, cfg, drafter, builder)
+        if res.tokens != list(ref):
+            raise AssertionError(f"{what} differs from the target's greedy output on {name}: "
+                                 f"{res.tokens} vs {list(ref)}")
+        stats = res.stats
+        steps += stats.decode_steps
+        emitted += sum(s.accepted + 1 for s in stats.steps)
+        accepted += sum(s.accepted for s in stats.steps)
+        drafted += stats.drafted
+        nodes += sum(s.tree_size for s in stats.steps)
+        forwards += stats.draft_forwards
+    return PooledDecoding(steps, emitted, accepted, drafted, nodes, forwards)
+
+
 def speculative(target: HFAdapter, draft: HFAdapter, items: Sequence[ShapesItem], k: int,
                 text_only: bool, reference: Sequence[Sequence[int]] | None = None,
                 ) -> SpeculativeReport:
@@ -94,17 +140,7 @@ def speculative(target: HFAdapter, draft: HFAdapter, items: Sequence[ShapesItem]
     reference: the target's greedy outputs (computed when None). Raises on any difference."""
     reference = reference if reference is not None else greedy_outputs(target, items)
     drafter = ModelDrafter(draft, text_only=text_only, vocab_size=target.vocab_size)
-    builder = ChainBuilder(ChainConfig(k))
-    steps = emitted = accepted = drafted = 0
-    for it, ref in zip(items, reference, strict=True):
-        res = generate(target, target.prepare(it.question, [it.image]), _config(target),
-                       drafter, builder)
-        if res.tokens != list(ref):
-            raise AssertionError(f"speculative output differs from the target's greedy output "
-                                 f"on {it.uid}: {res.tokens} vs {list(ref)}")
-        stats = res.stats
-        steps += stats.decode_steps
-        emitted += sum(s.accepted + 1 for s in stats.steps)
-        accepted += sum(s.accepted for s in stats.steps)
-        drafted += stats.drafted
-    return SpeculativeReport(k, emitted / max(steps, 1), accepted / max(drafted, 1), len(items))
+    prompts = [target.prepare(it.question, [it.image]) for it in items]
+    pooled = lossless_decoding(target, drafter, ChainBuilder(ChainConfig(k)), prompts, reference,
+                               _config(target), "speculative output", [it.uid for it in items])
+    return SpeculativeReport(k, pooled.tau, pooled.acceptance_rate, len(items))

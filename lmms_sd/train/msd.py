@@ -57,6 +57,7 @@ from ..drafters.msd_head import MSDHead
 from ..trees import make_builder
 from .conversations import ConversationCollator, ConversationStream, load_conversations
 from .data import Batch, ShapesCollator
+from .evaluate import lossless_decoding
 from .loop import OptimConfig, run_training, train_items
 
 
@@ -292,19 +293,12 @@ def measure_tau(target_adapter: Any, head: MSDHead, prompts: Sequence[Any], tree
     builder = make_builder(tree, **tree_settings)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens,
                            eos_token_ids=target_adapter.eos_token_ids)
-    steps = emitted = accepted = drafted = 0
-    for prompt in prompts:
-        plain = generate(target_adapter, prompt, cfg).tokens
-        res = generate(target_adapter, prompt, cfg, drafter, builder)
-        if res.tokens != plain:
-            raise AssertionError(f"MSD output differs from greedy: {res.tokens} vs {plain}")
-        steps += res.stats.decode_steps
-        emitted += sum(s.accepted + 1 for s in res.stats.steps)
-        accepted += sum(s.accepted for s in res.stats.steps)
-        drafted += res.stats.drafted
-    return {"tree": tree, **tree_settings, "tau": emitted / max(steps, 1),
-            "accepted_per_step": accepted / max(steps, 1),
-            "acceptance_rate": accepted / max(drafted, 1), "n_prompts": len(prompts)}
+    references = [generate(target_adapter, prompt, cfg).tokens for prompt in prompts]
+    pooled = lossless_decoding(target_adapter, drafter, builder, prompts, references, cfg,
+                               "MSD output")
+    return {"tree": tree, **tree_settings, "tau": pooled.tau,
+            "accepted_per_step": pooled.accepted / max(pooled.decode_steps, 1),
+            "acceptance_rate": pooled.acceptance_rate, "n_prompts": len(prompts)}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -30,7 +30,7 @@ import torch
 from ..adapters.base import HFAdapter
 from ..adapters.loading import load_adapter
 from ..assets import SHAPES_DIR, shipped_model
-from ..core.generate import GenerationConfig, generate
+from ..core.generate import GenerationConfig
 from ..core.interfaces import Drafter
 from ..data.shapes import ShapesItem, make_items
 from ..drafters.model import ModelDrafter
@@ -38,7 +38,7 @@ from ..drafters.msd import load_msd_drafter
 from ..drafters.msd_format import load_msd_head
 from ..drafters.msd_head import MSDHead
 from ..trees import make_builder
-from .evaluate import MAX_NEW_TOKENS, greedy_outputs
+from .evaluate import MAX_NEW_TOKENS, greedy_outputs, lossless_decoding
 
 HEAD_ROLE = "msd_head"
 METRICS_FILE = "msd_metrics.json"
@@ -74,24 +74,16 @@ def make_drafter(role: str, family: str, target: HFAdapter) -> Drafter:
 def measure(target: HFAdapter, drafter: Drafter, tree: str, settings: dict[str, int],
             items: Sequence[ShapesItem], reference: Sequence[Sequence[int]]) -> dict[str, Any]:
     """Pooled figures of greedy speculative decoding; raises on any output that differs."""
-    builder = make_builder(tree, **settings)
     cfg = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, eos_token_ids=target.eos_token_ids)
-    steps = emitted = accepted = drafted = nodes = forwards = 0
-    for it, ref in zip(items, reference, strict=True):
-        before = drafter.forwards
-        res = generate(target, target.prepare(it.question, [it.image]), cfg, drafter, builder)
-        if res.tokens != list(ref):
-            raise AssertionError(f"{drafter.name} with {tree} {settings} differs from the "
-                                 f"target's greedy output on {it.uid}: {res.tokens} vs {ref}")
-        steps += res.stats.decode_steps
-        emitted += sum(s.accepted + 1 for s in res.stats.steps)
-        accepted += sum(s.accepted for s in res.stats.steps)
-        drafted += res.stats.drafted
-        nodes += sum(s.tree_size for s in res.stats.steps)
-        forwards += drafter.forwards - before
-    return {"tau": emitted / steps, "acceptance_rate": accepted / max(drafted, 1),
-            "tree_size": nodes / steps, "draft_forwards": forwards / steps,
-            "decode_steps": steps, "new_tokens": emitted, "n_items": len(items), "lossless": True}
+    prompts = [target.prepare(it.question, [it.image]) for it in items]
+    pooled = lossless_decoding(target, drafter, make_builder(tree, **settings), prompts,
+                               reference, cfg, f"{drafter.name} with {tree} {settings}",
+                               [it.uid for it in items])
+    steps = pooled.decode_steps
+    return {"tau": pooled.emitted / steps, "acceptance_rate": pooled.acceptance_rate,
+            "tree_size": pooled.tree_nodes / steps, "draft_forwards": pooled.draft_forwards / steps,
+            "decode_steps": steps, "new_tokens": pooled.emitted, "n_items": len(items),
+            "lossless": True}
 
 
 def compare(family: str, n_items: int) -> dict[str, Any]:

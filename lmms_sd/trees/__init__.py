@@ -25,6 +25,7 @@ from .dynamic import DynamicBuilder, DynamicConfig
 from .opt import OptBuilder, OptConfig
 from .static import StaticBuilder, StaticConfig
 
+
 @dataclasses.dataclass(frozen=True)
 class CascadeTreeConfig:
     """No settings: the chain's length is the cascade's (its ``k_matrix``)."""
