@@ -57,7 +57,7 @@ from ..drafters.msd_head import MSDHead
 from ..trees import make_builder
 from .conversations import ConversationCollator, ConversationStream, load_conversations
 from .data import Batch, ShapesCollator
-from .evaluate import lossless_decoding
+from .evaluate import eval_items, lossless_decoding
 from .loop import OptimConfig, run_training, train_items
 
 
@@ -395,7 +395,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from accelerate.utils import gather_object
 
     from ..adapters.loading import load_adapter
-    from .evaluate import eval_items
 
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
