@@ -11,10 +11,14 @@ setup(
     include_package_data=True,
     package_data={"lmms_sd": ["assets/**/*", "tasks/**/*"]},
     install_requires=[
+        # Loose lower bounds for installing into one's own environment; the exact tested set
+        # is launch/constraints.txt (bash launch/install.sh). Upper bounds only where known:
         "lmms-eval>=0.7.3",
+        "filelock<4",  # 4.x dropped filelock._api, which lmms-eval 0.7.3's evaluator imports
         "torch>=2.1",
         "transformers>=5.0",
         "accelerate>=1.0",
+        "huggingface_hub>=1.0",
         "pillow",
         "safetensors",
         "scikit-learn",

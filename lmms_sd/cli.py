@@ -26,8 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "eval":
         from .lmms_eval import eval_main
 
-        eval_main(rest)
-        return 0
+        return eval_main(rest)
     if command == "tasks-dir":
         from .lmms_eval import tasks_dir
 

@@ -46,3 +46,19 @@ def test_demo_gives_the_calibrated_classes_the_shipped_calibrator():
         assert args == f"cal.calibrator={SHAPES_DIR / family / CALIBRATOR_FILE}"
         cmd = demo.command(f"{family}_msd_calibrated", "shapes", 2, demo.Path("out"), 1, args)
         assert f"draft={SHAPES_DIR / family / 'msd_head'}" in cmd[cmd.index("--model_args") + 1]
+
+
+def test_eval_exits_nonzero_when_lmms_eval_swallows_the_error(tmp_path):
+    """lmms-eval's own CLI prints the traceback of a failed evaluation and exits 0; ``lmms-sd
+    eval`` must exit 1 and say why (here: a target folder that does not exist)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "lmms_sd.cli", "eval", "--model", "llava_sd",
+                          "--model_args", "pretrained=/nonexistent", "--tasks", "shapes_caption",
+                          "--limit", "1", "--output_path", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "lmms-sd eval: the evaluation failed" in run.stderr
+    assert "/nonexistent" in run.stderr
+    assert not list(tmp_path.rglob("*_results.json"))

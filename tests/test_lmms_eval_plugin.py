@@ -485,7 +485,7 @@ def test_cli_outputs_equal_an_sd_off_run(cli_sd: CliRun, tiny_paths: dict,
     """The sd=off run goes through ``eval_main``, which adds lmms_sd's tasks itself."""
     off = run_cli(tmp_path_factory.mktemp("cli_off") / "out", "llava_sd",
                   f"pretrained={tiny_paths['llava']['target']},sd=off", "shapes_caption", limit=4,
-                  launcher=("-c", "import lmms_sd.lmms_eval as m; m.eval_main()"))
+                  launcher=("-c", "import lmms_sd.lmms_eval as m; raise SystemExit(m.eval_main())"))
     assert len(cli_sd.outputs) == 4 and off.outputs == cli_sd.outputs
     assert off.results["throughput"]["avg_tau"] == 1.0
     assert "avg_acceptance_rate" not in off.results["throughput"]

@@ -16,7 +16,7 @@ work). Either pass the path::
         --include_path "$(python -c 'import lmms_sd.lmms_eval as m; print(m.tasks_dir())')"
 
 (in a source checkout the link ``tasks`` does as well), or call ``eval_main``
-(``python -c 'import lmms_sd.lmms_eval as m; m.eval_main()' --model ...``), which adds it.
+(``python -c 'import lmms_sd.lmms_eval as m; raise SystemExit(m.eval_main())' --model ...``), which adds it.
 
 Multi-process: ``accelerate launch --num_processes N -m lmms_eval ...`` (on CPU:
 ``ACCELERATE_USE_CPU=true python -m accelerate.commands.launch --multi_gpu ...``).
@@ -27,6 +27,7 @@ Outputs: accuracy in the usual results JSON; speed in its ``throughput`` section
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,12 +37,49 @@ def tasks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "tasks"
 
 
-def eval_main(argv: list[str] | None = None) -> None:
-    """lmms-eval's command line with ``tasks_dir()`` added to ``--include_path``."""
-    from lmms_eval.__main__ import cli_evaluate, parse_eval_args
+def eval_main(argv: list[str] | None = None) -> int:
+    """lmms-eval's command line with ``tasks_dir()`` added to ``--include_path``; returns the
+    exit status (also what ``lmms-sd eval`` exits with).
+
+    lmms-eval 0.7.3's own CLI exits 0 on many errors (a task that is not found, a model that
+    fails to load): ``cli_evaluate`` catches the exception of each evaluation, prints it and
+    goes on. Here an exception in any evaluation, or (on rank 0, with ``--output_path``) no new
+    ``*_results.json`` under the output path, makes the status 1."""
+    import lmms_eval.__main__ as harness
 
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = ["lmms-eval", *argv]
-    _, args = parse_eval_args()
+    _, args = harness.parse_eval_args()
     args.include_path = [p for p in (args.include_path, str(tasks_dir())) if p]
-    cli_evaluate(args)
+    failures: list[BaseException] = []
+    evaluate_one = harness.cli_evaluate_single
+
+    def recording(one_args):  # the function cli_evaluate calls per evaluation, errors noted
+        try:
+            return evaluate_one(one_args)
+        except Exception as e:
+            failures.append(e)
+            raise
+
+    before = _results_files(args.output_path)
+    harness.cli_evaluate_single = recording
+    try:
+        harness.cli_evaluate(args)
+    finally:
+        harness.cli_evaluate_single = evaluate_one
+    if failures:
+        print(f"lmms-sd eval: the evaluation failed: {type(failures[0]).__name__}: "
+              f"{failures[0]}", file=sys.stderr)
+        return 1
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.output_path and rank0 and not _results_files(args.output_path) - before:
+        print(f"lmms-sd eval: lmms-eval wrote no results file under {args.output_path}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _results_files(output_path: str | None) -> set[Path]:
+    if not output_path or not Path(output_path).exists():
+        return set()
+    return set(Path(output_path).rglob("*_results.json"))
