@@ -195,3 +195,34 @@ def test_recipe_processor_keeps_black_at_zero(family: str) -> None:
     pixels = processor.image_processor(images=[black, white], return_tensors="pt")["pixel_values"]
     half = len(pixels) // 2  # LLaVA: [2, 3, H, W]; Qwen2-VL: flattened patches, black first
     assert pixels[:half].abs().max() == 0 and pixels[half:].min() == pytest.approx(1.0)
+
+
+def test_deepen_computes_the_same_function_then_learns(setup: dict) -> None:
+    """A deepened model's logits equal the shallow model's (inserted layers add exactly 0 to
+    the residual stream), its trained layers sit where ``deepen`` says, and one optimiser step
+    on the inserted layers changes its output (they are real layers, not dead weight)."""
+    from lmms_sd.train.target import decoder_layers, deepen
+
+    model, batch = setup["model"], setup["batch"]
+    deep, placed = deepen(model, 7, seed=3)
+    assert len(decoder_layers(deep)) == 7 and len(placed) == SMALL.layers
+    assert placed == sorted(set(placed)) and placed[0] == 0
+    for i, j in enumerate(placed):
+        for (name, a), (_, b) in zip(decoder_layers(model)[i].state_dict().items(),
+                                     decoder_layers(deep)[j].state_dict().items()):
+            assert torch.equal(a, b), name
+    deep.eval()
+    with torch.no_grad():
+        expected = model(**batch.model_inputs()).logits
+        got = deep(**batch.model_inputs()).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    inserted = [p for j, layer in enumerate(decoder_layers(deep)) if j not in placed
+                for p in layer.parameters()]
+    opt = torch.optim.SGD(inserted, lr=1.0)
+    answer_cross_entropy(deep(**batch.model_inputs()).logits, batch.labels).backward()
+    opt.step()
+    with torch.no_grad():
+        moved = deep(**batch.model_inputs()).logits
+    assert (moved - expected).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="grows a model"):
+        deepen(model, SMALL.layers - 1, seed=0)

@@ -52,7 +52,7 @@ from transformers import PreTrainedModel
 
 from ..core.generate import GenerationConfig, generate
 from ..drafters.msd import POSITION_SCHEMES, MSDConfig, MSDDrafter, qwen2_vl_rope_index
-from ..drafters.msd_format import new_msd_head, save_msd_head
+from ..drafters.msd_format import load_msd_head, new_msd_head, save_msd_head
 from ..drafters.msd_head import MSDHead
 from ..trees import make_builder
 from .conversations import ConversationCollator, ConversationStream, load_conversations
@@ -339,6 +339,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(under accelerate)")
     ap.add_argument("--log-every", type=int, default=25, help="steps per loss-history entry")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    ap.add_argument("--init", help="start from this head (a folder in the published layout) "
+                    "instead of a fresh one, e.g. after the target was fine-tuned")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--positions", default="target", choices=POSITION_SCHEMES)
     ap.add_argument("--text-phase", type=float, default=MSDTrainConfig.text_phase,
@@ -408,7 +410,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        else torch.float32)
     adapter = load_adapter(args.target, device=accelerator.device, dtype=dtype)
     torch.manual_seed(args.seed)
-    head = new_msd_head(adapter.model).float()  # float32 weights beside a bf16 target
+    if args.init:  # float32 weights beside a bf16 target
+        head = load_msd_head(args.init, adapter.model, dtype=torch.float32).train()
+    else:
+        head = new_msd_head(adapter.model).float()
     data = _conversation_data(args, adapter.processor, args.batch_size,
                               accelerator.process_index, accelerator.num_processes)
     if args.epochs is not None:

@@ -37,9 +37,10 @@ from .distill import TextLMShape, build_text_lm, distill_draft, init_from_target
 from .evaluate import (content_accuracy, eval_items, greedy_outputs, model_accuracy,
                        speculative)
 from .loop import OptimConfig
-from .target import VLMShape, build_vlm, count_parameters, train_target
+from .target import VLMShape, build_vlm, count_parameters, decoder_layers, deepen, train_target
 
 ROLES = ("target", "draft_vlm", "text_only")
+STAGES = ("target", "deepen", "draft_vlm", "text_only")
 METRICS = "metrics.json"
 
 
@@ -66,6 +67,15 @@ class Recipe:
     draft_optim: OptimConfig = OptimConfig(steps=300, batch_size=64, seed=1,
                                            vision_lr_scale=0.1)
     text_only_optim: OptimConfig = OptimConfig(steps=300, batch_size=64, seed=2)
+    # Deepening (the ``deepen`` stage): the trained target grows to the real models' depth
+    # (LLaVA-1.5-7B: 32 decoder layers, Qwen2-VL-7B: 28) by inserting identity-initialised
+    # layers (``target.deepen``), then the new layers alone are fine-tuned on every topic, so
+    # a draft forward costs what it costs beside a 7B target (1 layer of 32), not a third of
+    # a 4-layer target's. The drafts then continue from their weights (``--warm-start``).
+    deep_layers: int | None = None
+    deepen_optim: OptimConfig = OptimConfig(steps=120, batch_size=16, lr=3e-4, warmup_steps=10,
+                                            seed=7, log_every=10, checkpoint_every=10)
+    warm_start: bool = False                      # drafts continue from the saved ones
     k: int = 6                                    # chain length of the tau measurement
     eval_describe: int = 48                       # held-out items: the shapes_caption ...
     eval_qa: int = 48                             # ... and shapes_qa parquet items
@@ -151,17 +161,50 @@ def train_target_stage(recipe: Recipe, out: Path) -> dict:
             "stage1": {**colours, "topics": list(recipe.colour_topics)}}
 
 
+DEPTH = {"llava": 32, "qwen2_vl": 28}  # LLaVA-1.5-7B's and Qwen2-VL-7B's decoder layers
+
+
+def deepen_stage(recipe: Recipe, out: Path) -> dict:
+    """Grow the saved target to ``recipe.deep_layers`` and fine-tune it (see ``Recipe``)."""
+    processor = load_processor(out / "target")
+    shallow = load_adapter(out / "target").model
+    layers = recipe.deep_layers or DEPTH[recipe.family]
+    n = shallow.config.text_config.num_hidden_layers
+    if n >= layers:
+        raise SystemExit(f"{out / 'target'} already has {n} decoder layers (>= {layers}): "
+                         "deepen grows a shallower trained target")
+    model, placed = deepen(shallow, layers, recipe.deepen_optim.seed)
+    inserted = [layer for j, layer in enumerate(decoder_layers(model)) if j not in placed]
+    trainable = {id(p) for layer in inserted for p in layer.parameters()}
+    for p in model.parameters():  # only the inserted layers learn: the trained ones are kept
+        p.requires_grad_(id(p) in trainable)
+    record = train_target(model, processor, recipe.deepen_optim, _checkpoint(out, "deepen"),
+                          desc=f"deepen {n}->{layers}")
+    model.requires_grad_(True)
+    _save(model, processor, out / "target")
+    _checkpoint(out, "deepen").unlink()
+    return {"architecture": {**recipe.target.to_dict(), "layers": layers},
+            "parameters": count_parameters(model),
+            "language_model_parameters": _language_parameters(model),
+            "deepen": {"from_layers": n, "layers": layers, "trained_layers_at": placed,
+                       "inserted": "identity (zero o_proj and down_proj), then fine-tuned "
+                                   "with every other weight frozen",
+                       "train": record}}
+
+
 def train_draft_stage(recipe: Recipe, out: Path, role: str) -> dict:
     target = load_adapter(out / "target").model
     processor = load_processor(out / "target")
     tok = processor.tokenizer
-    if role == "draft_vlm":
-        shape, cfg = recipe.draft_vlm, recipe.draft_optim
-        draft = build_vlm(recipe.family, tok, shape, cfg.seed)
+    shape, cfg = ((recipe.draft_vlm, recipe.draft_optim) if role == "draft_vlm"
+                  else (recipe.text_only, recipe.text_only_optim))
+    if recipe.warm_start:  # continue from the saved draft (e.g. after the target deepened)
+        draft = load_adapter(out / role, role="draft").model
+        init = {"warm_start": str(out / role)}
     else:
-        shape, cfg = recipe.text_only, recipe.text_only_optim
-        draft = build_text_lm(recipe.family, tok, shape, cfg.seed)
-    init = init_from_target(draft, target, vision=role == "draft_vlm")
+        draft = (build_vlm(recipe.family, tok, shape, cfg.seed) if role == "draft_vlm"
+                 else build_text_lm(recipe.family, tok, shape, cfg.seed))
+        init = init_from_target(draft, target, vision=role == "draft_vlm")
     record = distill_draft(draft, target, processor, cfg, text_only=role == "text_only",
                            checkpoint=_checkpoint(out, role))
     _save(draft, processor if role == "draft_vlm" else tok, out / role)
@@ -200,6 +243,9 @@ def run(recipe: Recipe, out: Path, stages: Sequence[str], command: str) -> dict:
     for stage in stages:
         if stage == "target":
             entry = train_target_stage(recipe, out)
+        elif stage == "deepen":
+            entry = deepen_stage(recipe, out)
+            stage = "target"
         else:
             entry = train_draft_stage(recipe, out, stage)
         update_metrics(out, {stage: {**entry, "command": command, "environment": env}})
@@ -217,7 +263,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--family", required=True, choices=FAMILIES)
     parser.add_argument("--out", required=True, type=Path, help="directory of the model suite")
     parser.add_argument("--stages", default=",".join(ROLES),
-                        help=f"comma-separated roles to train, from {ROLES}")
+                        help=f"comma-separated stages, from {STAGES} (deepen: grow the saved "
+                        "target to --layers and fine-tune it)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers of the deepened target (default: the real "
+                        f"model's, {DEPTH})")
+    parser.add_argument("--deepen-steps", type=int, default=None)
+    parser.add_argument("--warm-start", action="store_true",
+                        help="drafts continue from the saved ones instead of a fresh init")
     parser.add_argument("--target-steps", type=int, default=None)
     parser.add_argument("--draft-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1,
@@ -227,8 +280,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     for s in stages:
-        if s not in ROLES:
-            raise SystemExit(f"unknown stage {s!r}; expected roles from {ROLES}")
+        if s not in STAGES:
+            raise SystemExit(f"unknown stage {s!r}; expected stages from {STAGES}")
     torch.set_num_threads(args.threads)
     recipe = _recipe_from_args(args)
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -239,7 +292,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:
-    base = Recipe(args.family)
+    base = replace(Recipe(args.family), deep_layers=args.layers, warm_start=args.warm_start)
+    if args.deepen_steps is not None:
+        base = _with_steps(base, "deepen_optim", args.deepen_steps)
     if args.target_steps is not None:
         base = _with_steps(base, "target_optim", args.target_steps)
     if args.draft_steps is not None:

@@ -74,3 +74,42 @@ def train_target(model: PreTrainedModel, processor: Any, cfg: OptimConfig,
         return answer_cross_entropy(model(**batch.model_inputs()).logits, batch.labels)
 
     return run_training(model, loss_fn, batch_at, cfg, desc=desc, checkpoint=checkpoint)
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The language model's decoder layers of a LLaVA / Qwen2-VL model."""
+    inner = getattr(model.model, "language_model", model.model)
+    return inner.layers
+
+
+def deepen(model: PreTrainedModel, layers: int, seed: int) -> tuple[PreTrainedModel, list[int]]:
+    """A copy of ``model`` with ``layers`` decoder layers that computes exactly the same
+    function: the trained layers keep their order, spread evenly (trained layer i at new index
+    ``i * layers // n``), and every inserted layer starts as the identity of the residual
+    stream (fresh random weights, but zero attention and MLP output projections, so its
+    residual branches add exactly 0 until fine-tuning moves them).
+    Returns the new model and the new indices of the trained layers."""
+    n = model.config.text_config.num_hidden_layers
+    if layers < n:
+        raise ValueError(f"deepen grows a model: {layers} layers < its {n}")
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.text_config.num_hidden_layers = layers
+    if getattr(config.text_config, "layer_types", None) is not None:
+        config.text_config.layer_types = [config.text_config.layer_types[0]] * layers
+    torch.manual_seed(seed)
+    deep = model.__class__(config)
+    placed = [i * layers // n for i in range(n)]
+    old, new = decoder_layers(model), decoder_layers(deep)
+    with torch.no_grad():
+        in_layers = {id(p) for p in old.parameters()}
+        deep_params = dict(deep.named_parameters())
+        for name, p in model.named_parameters():  # everything outside the decoder layers
+            if id(p) not in in_layers:
+                deep_params[name].copy_(p)
+        for i, j in enumerate(placed):
+            new[j].load_state_dict(old[i].state_dict())
+        for j, layer in enumerate(new):
+            if j not in placed:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    return deep, placed
