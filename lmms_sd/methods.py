@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .adapters import HFAdapter, check_same_vocab
-from .calibration.online import CalibratedSettings, make_calibrated
 from .core.generate import GenerationConfig, StepObserver
 from .core.interfaces import Drafter
 from .drafters.bigram import BigramTable
@@ -122,12 +121,16 @@ class MSDCalibrated(MSD):
     GROUPS = ("cal",)
 
     def configure(self) -> None:
+        from .calibration.online import CalibratedSettings  # deferred: sklearn takes seconds
+
         # The MSD head cannot report its image attention yet (recording.with_attention_tap
         # supports draft models only): attention features are 0 unless asked for explicitly.
         params = {"attention": "false", **self.groups["cal"]}
         self.calibration = from_mapping(CalibratedSettings, params, what="cal settings")
 
     def make_decoder(self, target: HFAdapter, load: Loader) -> tuple[Drafter, TreeBuilder]:
+        from .calibration.online import make_calibrated
+
         drafter, builder, self.session = make_calibrated(
             self.msd_drafter(target), self.calibration, target.tokenizer, target.vocab_size)
         return drafter, builder
