@@ -138,7 +138,7 @@ def test_same_answer_as_the_lmms_eval_class(chat: bool, msd: lmms_sd.Speculator)
     messages = [{"role": "user", "content": [{"type": "image", "url": ITEM.image},
                                              {"type": "text", "text": ITEM.question}]}]
     model.task_dict = {"t": {"test": [{"image": ITEM.image, "messages": messages}]}}
-    for sampling in ({}, {"do_sample": True, "temperature": 0.8}):
+    for sampling in ({}, {"do_sample": True, "temperature": 2.0, "top_p": 0.9}):
         gen_kwargs = {"until": ["\n\n"], "max_new_tokens": N, **sampling}
         (answer,) = model.generate_until([lmms_request(chat, gen_kwargs)])
         out = msd.generate(None if chat else ITEM.image, messages if chat else ITEM.question,
