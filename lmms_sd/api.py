@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .adapters import HFAdapter, load_adapter
+from .adapters.base import Messages
 from .adapters.loading import model_type
 from .core.generate import GenerationConfig, GenerationStats, StepObserver, generate
 from .core.generate import GenerationResult as CoreResult
@@ -31,7 +32,6 @@ from .lmms_eval.args import cut_at_stop, generation_config
 from .methods import FAMILIES, Method, MSDCalibrated, method_class, split_model_name
 
 ImageLike = Image.Image | str | Path  # a PIL image, a file path or a data: URL
-Messages = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .adapters import HFAdapter, check_same_vocab
+from .adapters.loading import VLM_FAMILIES
 from .core.generate import GenerationConfig, StepObserver
 from .core.interfaces import Drafter
 from .drafters.bigram import BigramTable
@@ -30,7 +31,7 @@ from .lmms_eval.args import (CascadeArgs, CommonArgs, MSDArgs, MSDCalibratedArgs
                              from_mapping, parse_model_args)
 from .trees import TreeBuilder, make_builder
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = tuple(VLM_FAMILIES)  # llava, qwen2_vl
 Loader = Callable[[str], HFAdapter]  # a checkpoint path -> an adapter on the target's device
 
 
@@ -92,8 +93,8 @@ class ModelDraft(Method):
 
     def make_decoder(self, target: HFAdapter, load: Loader) -> tuple[Drafter, TreeBuilder]:
         s = self.settings
-        return _model_drafter(target, load, self.need(s.draft, "draft"), s.draft_text_only), \
-            self.tree
+        drafter = _model_drafter(target, load, self.need(s.draft, "draft"), s.draft_text_only)
+        return drafter, self.tree
 
 
 class MSD(Method):

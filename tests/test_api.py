@@ -84,6 +84,22 @@ def test_every_method_answers_as_the_target_alone(family: str, method: str, refe
     assert set(out.origin) <= {"draft", "target"}
 
 
+def test_csd_keeps_cs_draftings_signature(reference: dict):
+    """``lmms_sd.csd(draft_list, target_model, initial_input, k_matrix, max_length, leniency)``
+    on one's own prompt: a draft VLM reviewed by MaG, then the exact target review."""
+    from lmms_sd.adapters import load_adapter
+    from lmms_sd.drafters.model import ModelDrafter
+    from lmms_sd.drafters.ngram import MaGDrafter
+
+    target = load_adapter(shipped("llava", "target"))
+    drafts = [ModelDrafter(load_adapter(shipped("llava", "draft_vlm")),
+                           vocab_size=target.vocab_size), MaGDrafter(target.vocab_size)]
+    result = lmms_sd.csd(drafts, target, target.prepare(ITEM.question, [ITEM.image]),
+                         [[2, 1], [0, 2]], max_length=N, leniency=2,
+                         eos_token_ids=target.eos_token_ids)
+    assert result.tokens == reference["llava"] and result.stats.draft_forwards > 0
+
+
 def test_generation_statistics_and_json(msd: lmms_sd.Speculator, reference: dict):
     out = msd.generate(ITEM.image, ITEM.question, max_new_tokens=N)
     assert out.tokens == reference["llava"] and out.baseline is None and out.speedup is None
