@@ -4,13 +4,15 @@
     lmms-sd eval [...]        lmms-eval's CLI with lmms_sd's tasks on --include_path
     lmms-sd tasks-dir         print the directory of the shipped lmms-eval tasks
     lmms-sd bench [...]       the speed benchmark (python -m lmms_sd.bench.run)
+    lmms-sd generate [...]    one answer about your own images, with its statistics
+                              (lmms_sd.cli_generate; --help for its options)
 """
 from __future__ import annotations
 
 import sys
 from typing import Sequence
 
-COMMANDS = ("demo", "eval", "tasks-dir", "bench")
+COMMANDS = ("demo", "eval", "tasks-dir", "bench", "generate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         bench(rest)
         return 0
+    if command == "generate":
+        from .cli_generate import main as generate
+
+        return generate(rest)
     print(f"lmms-sd: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

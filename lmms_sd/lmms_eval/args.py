@@ -16,6 +16,7 @@ types alone decide.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -230,6 +231,8 @@ def coerce(value: object, hint: Any, key: str = "value") -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{key}={value!r} is not a number") from None
     if hint is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ValueError(f"{key}={value!r} is not a string")

@@ -8,6 +8,7 @@ One request, in order:
                do_sample, until; num_beams > 1 is an error)
   4. decode    the core loop with the method's drafter and tree builder (none with ``sd=off``)
   5. baseline  with ``baseline=true`` the same prompt again, autoregressively
+               (4. and 5. are ``lmms_sd.api.Speculator.run``, the decoder of ``lmms_sd.load``)
   6. record    per-request statistics; after the last request every rank gathers them and
                rank 0 reports them to lmms-eval and writes the per-sample JSONL (``speed.py``)
 Requests the evaluator adds only to even out ranks (``__padding_only__``) are not decoded.
@@ -24,18 +25,13 @@ from accelerate import Accelerator
 from loguru import logger as eval_logger
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.protocol import ChatMessages
 from PIL import Image
 from tqdm import tqdm
 
-from ..adapters import HFAdapter, load_adapter
-from ..core.generate import GenerationConfig, StepObserver, generate
-from ..core.generate import GenerationResult as CoreResult
-from ..core.interfaces import Drafter, PromptInputs
-from ..trees import TreeBuilder, make_builder
-from .args import CommonArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
+from ..api import Speculator, messages_and_images
+from ..methods import method_class
+from .args import split_model_args
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
-
 
 
 @dataclass(frozen=True)
@@ -51,15 +47,14 @@ class RequestInputs:
 
 
 class SpeculativeLMM(lmms):
-    """Base of ``<family>_<method>`` model classes. A method sets ``Args`` (its settings),
-    ``GROUPS`` (its ``<group>.<key>`` settings) and implements ``make_decoder``; a family sets
-    ``family`` (what the target checkpoint must be); a chat variant sets ``is_simple = False``.
-    Hooks called per request: ``start_request`` before decoding, ``request_extras`` after."""
+    """Base of the ``<family>_<method>`` model classes: a family sets ``family`` (what the
+    target checkpoint must be), a method ``method`` (a key of ``lmms_sd.methods.METHODS``, which
+    holds its settings and drafter), a chat variant ``is_simple = False``. The decoder is the
+    ``lmms_sd.api.Speculator`` that ``lmms_sd.load`` returns."""
 
     is_simple: ClassVar[bool] = True
     family: ClassVar[str] = ""
-    Args: ClassVar[type[CommonArgs]] = CommonArgs
-    GROUPS: ClassVar[tuple[str, ...]] = ("tree",)
+    method: ClassVar[str] = ""
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str,
@@ -70,46 +65,14 @@ class SpeculativeLMM(lmms):
 
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
-        self.settings, self.groups = parse_model_args(self.Args, model_args, self.GROUPS)
-        self.configure()
+        spec = method_class(self.method).parse(model_args, f"{self.family}_{self.method}")
+        self.settings = spec.settings
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device = _pick_device(self.settings.device, self.accelerator)
-        self.target = self.load(self.settings.pretrained)
-        if self.target.family != self.family:
-            raise ValueError(f"{type(self).__name__} needs a {self.family} target; "
-                             f"{self.settings.pretrained} is a {self.target.family} checkpoint")
-        self.drafter: Drafter | None = None
-        self.builder: TreeBuilder | None = None
-        if self.settings.sd:
-            self.drafter, self.builder = self.make_decoder()
-
-    # ------------------------------------------------------------------ method hooks
-    def configure(self) -> None:
-        """Check the method's own settings before anything is loaded (default: the tree)."""
-        self.tree = make_builder(self.settings.tree, **self.groups["tree"])
-
-    def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
-        """The drafter and the tree builder (``sd=on`` only)."""
-        raise NotImplementedError
-
-    def plan(self, tasks: list[str]) -> None:
-        """The task of every request this ``generate_until`` call will decode, in order."""
-
-    def start_request(self, task: str, cfg: GenerationConfig) -> StepObserver | None:
-        """Set up the next request (``sd=on``); may return an observer of its verify steps."""
-        return None
-
-    def request_extras(self) -> dict[str, Any]:
-        """Method-specific facts about the request just decoded, for its record; the key
-        ``measured`` False keeps it out of the speed summary (e.g. calibration requests)."""
-        return {}
-
-    def load(self, path: str) -> HFAdapter:
-        """An adapter for the checkpoint at ``path`` on this process's device."""
-        return load_adapter(path, device=self._device, dtype=getattr(torch, self.settings.dtype),
-                            attn_implementation=self.settings.attn_implementation)
+        self.decoder = Speculator(spec, self._device, self.family)
+        self.target, self.drafter = self.decoder.target, self.decoder.drafter
 
     # ------------------------------------------------------------------ lmms-eval API
     @property
@@ -124,7 +87,7 @@ class SpeculativeLMM(lmms):
         out: list[GenerationResult] = []
         records: list[Record] = []
         if self.drafter is not None:
-            self.plan([req.task_name for req in requests if not _padding(req)])
+            self.decoder.method.plan([req.task_name for req in requests if not _padding(req)])
         for req in tqdm(requests, disable=self.rank != 0, desc=f"{type(self).__name__}"):
             if _padding(req):
                 out.append(GenerationResult(text="", token_counts=None))  # discarded by lmms-eval
@@ -147,34 +110,18 @@ class SpeculativeLMM(lmms):
         inputs = self._request_inputs(req)                                          # 1.
         task, doc_id, gen_kwargs = inputs.task, inputs.doc_id, inputs.gen_kwargs
         prompt = self.target.prepare(inputs.prompt, inputs.images)                  # 2.
-        cfg = generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
-                                eos_token_ids=self.target.eos_token_ids,
-                                seed=self.settings.seed + doc_id)                    # 3.
-        observer = self.start_request(task, cfg) if self.drafter is not None else None
-        text, result = self._decode(prompt, cfg, self.drafter, observer)           # 4.
-        extras = self.request_extras() if self.drafter is not None else {}
+        cfg = self.decoder.config(gen_kwargs, seed=self.settings.seed + doc_id)      # 3.
+        out = self.decoder.run(prompt, cfg, task, self.settings.baseline)           # 4., 5.
         record: Record = {"task": task, "doc_id": doc_id, "rank": self.rank,
-                          "greedy": cfg.sampling.greedy, "stats": sample_stats(result),
-                          **extras, "baseline": None, "text_match": None}
-        if self.settings.baseline and extras.get("measured", True):                # 5.
-            base_text, base = self._decode(prompt, cfg, None)
-            record["baseline"] = sample_stats(base)
-            if cfg.sampling.greedy:
-                record["text_match"] = text == base_text
-                if text != base_text:
-                    eval_logger.warning(f"{task} doc {doc_id}: greedy speculative output differs "
-                                        f"from autoregressive\n  sd: {text!r}\n  ar: {base_text!r}")
-        counts = TokenCounts(input_tokens=len(prompt.input_ids), output_tokens=len(result.tokens))
-        self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), text)
-        return text, record, counts                                                 # 6.
-
-    def _decode(self, prompt: PromptInputs, cfg: GenerationConfig, drafter: Drafter | None,
-                observer: StepObserver | None = None) -> tuple[str, CoreResult]:
-        """Speculatively with ``drafter``, or autoregressively without."""
-        builder = self.builder if drafter is not None else None
-        result = generate(self.target, prompt, cfg, drafter, builder, self.target.decode,
-                          observer=observer)
-        return cut_at_stop(self.target.decode(result.tokens), cfg.stop_strings), result
+                          "greedy": out.greedy, "stats": sample_stats(out.result),
+                          **out.extras, "text_match": out.greedy_match,
+                          "baseline": None if out.baseline is None else sample_stats(out.baseline)}
+        if out.greedy_match is False:
+            eval_logger.warning(f"{task} doc {doc_id}: greedy speculative output differs from "
+                                f"autoregressive\n  sd: {out.text!r}\n  ar: {out.baseline_text!r}")
+        counts = TokenCounts(input_tokens=len(prompt.input_ids), output_tokens=len(out.tokens))
+        self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), out.text)
+        return out.text, record, counts                                             # 6.
 
     def _request_inputs(self, req: Instance) -> RequestInputs:
         if self.is_simple:
@@ -183,13 +130,9 @@ class SpeculativeLMM(lmms):
             visuals = doc_to_visual(doc) if doc_to_visual is not None else []
             return RequestInputs(ctx, _images(visuals), dict(gen_kwargs), task, int(doc_id))
         _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
-        chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
-        images, videos, audios = chat.extract_media()
-        if videos or audios:
-            raise NotImplementedError(f"{task} doc {doc_id}: only image inputs are supported")
-        messages = [{"role": m["role"], "content": [_strip_media(c) for c in m["content"]]}
-                    for m in chat.model_dump()["messages"]]
-        return RequestInputs(messages, _images(images), dict(gen_kwargs), task, int(doc_id))
+        messages, images = messages_and_images(
+            doc_to_messages(self.task_dict[task][split][doc_id]), None)
+        return RequestInputs(messages, images, dict(gen_kwargs), task, int(doc_id))
 
     # ------------------------------------------------------------------ reporting
     def _report(self, records: list[Record]) -> None:
@@ -231,10 +174,3 @@ def _images(visuals: Any) -> list[Image.Image]:
                                       f"{type(v).__name__}")
     return [v.convert("RGB") for v in flat]
 
-
-def _strip_media(content: dict[str, Any]) -> dict[str, Any]:
-    """A chat content item for the chat template: images become ``{"type": "image"}`` (the
-    images themselves go to the processor in order)."""
-    if content["type"] == "image":
-        return {"type": "image"}
-    return {"type": "text", "text": content["text"]}

@@ -1,0 +1,266 @@
+"""Speculative decoding on one's own images and prompts: ``lmms_sd.load(...).generate(...)``.
+
+    sd = lmms_sd.load(target, method="msd", draft=head, **{"tree": "chain", "tree.k": 4})
+    out = sd.generate(image, "Describe the image.", max_new_tokens=64, baseline=True)
+    out.text, out.tokens, out.origin, out.tau, out.acceptance_rate, out.speedup, out.greedy_match
+
+``load`` takes the lmms-eval classes' ``model_args`` keys as keyword arguments (dotted keys such
+as ``tree.k`` through ``**{...}``) and checks them with the same parser and errors; the target's
+family (LLaVA or Qwen2-VL) comes from its ``config.json``. A ``Speculator`` is also what every
+lmms-eval class decodes with (``lmms_sd.lmms_eval.base``), so both give the same output for the
+same request. ``lmms_sd.csd`` is CS Drafting's entry point (``drafters.cascade.csd``).
+"""
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .adapters import HFAdapter, load_adapter
+from .adapters.base import Messages
+from .adapters.loading import model_type
+from .core.generate import GenerationConfig, GenerationStats, StepObserver, generate
+from .core.generate import GenerationResult as CoreResult
+from .core.interfaces import PromptInputs
+from .lmms_eval.args import cut_at_stop, generation_config
+from .methods import FAMILIES, Method, MSDCalibrated, method_class, split_model_name
+
+ImageLike = Image.Image | str | Path  # a PIL image, a file path or a data: URL
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer. ``text`` stops before a stop string; ``tokens`` are every emitted id (EOS
+    and a stop string's tokens included); ``baseline`` is the autoregressive decode of the same
+    prompt when one was asked for; ``extras`` hold method facts (e.g. cascade review counts)."""
+
+    text: str
+    result: CoreResult
+    greedy: bool
+    baseline: CoreResult | None = None
+    baseline_text: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.result.tokens
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.result.stats
+
+    @property
+    def origin(self) -> list[str]:
+        """Per token: ``"draft"`` (an accepted draft token) or ``"target"``."""
+        return self.stats.origin
+
+    @property
+    def tau(self) -> float:
+        return self.stats.tau
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.stats.acceptance_rate
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.stats.tokens_per_second
+
+    @property
+    def speedup(self) -> float | None:
+        """tokens/s over the baseline's tokens/s (``baseline=True`` only)."""
+        if self.baseline is None or self.baseline.stats.tokens_per_second == 0:
+            return None
+        return self.tokens_per_second / self.baseline.stats.tokens_per_second
+
+    @property
+    def greedy_match(self) -> bool | None:
+        """Greedy decoding with a baseline: is the text the autoregressive text?"""
+        return self.text == self.baseline_text if self.greedy and self.baseline else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the headline figures, then ``stats`` (``origin``: d = draft, t = target)."""
+        return {"text": self.text, "tokens": list(self.tokens), "tau": self.tau,
+                "acceptance_rate": self.acceptance_rate,
+                "tokens_per_second": self.tokens_per_second, "speedup": self.speedup,
+                "greedy": self.greedy, "greedy_match": self.greedy_match,
+                "stats": self.stats.to_dict(),
+                "baseline": None if self.baseline is None else self.baseline.stats.to_dict(),
+                **self.extras}
+
+
+class Speculator:
+    """A target with a method's drafter and tree builder (none with ``sd=off``), on ``device``.
+
+    ``family``: the family the target must be (the lmms-eval classes), or None (any)."""
+
+    def __init__(self, method: Method, device: torch.device, family: str | None = None):
+        self.method, self.settings, self.name = method, method.settings, method.name
+        self.family = check_family(self.settings.pretrained, family, self.name)
+        self.device = device
+        self.target = self.load(self.settings.pretrained)
+        self.drafter, self.builder = (method.make_decoder(self.target, self.load)
+                                      if self.settings.sd else (None, None))
+
+    def load(self, path: str) -> HFAdapter:
+        """An adapter for the checkpoint at ``path`` with this decoder's device and dtype."""
+        s = self.settings
+        return load_adapter(path, device=self.device, dtype=getattr(torch, s.dtype),
+                            attn_implementation=s.attn_implementation)
+
+    def generate(self, images: ImageLike | Sequence[ImageLike] | None,
+                 prompt: str | Messages, *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, do_sample: bool | None = None,
+                 stop: str | Sequence[str] | None = None, num_beams: int = 1,
+                 seed: int | None = None, baseline: bool | None = None) -> Generation:
+        """Answer ``prompt`` about ``images``.
+
+        prompt: a user message (the images go before it), or chat messages whose image parts
+          place the images (``messages_and_images``). The sampling arguments mean what they mean
+          in lmms-eval's ``gen_kwargs`` (temperature 0 or do_sample False: greedy; num_beams
+          only 1). Defaults: ``max_new_tokens`` and ``seed`` from the settings, greedy; baseline
+          from ``baseline=`` of the settings."""
+        prompt, pictures = messages_and_images(prompt, images)
+        prepared = self.target.prepare(prompt, pictures)
+        gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature,
+                      "top_p": top_p, "top_k": top_k, "do_sample": do_sample, "until": stop,
+                      "num_beams": num_beams}
+        cfg = self.config({k: v for k, v in gen_kwargs.items() if v is not None},
+                          self.settings.seed if seed is None else seed)
+        return self.run(prepared, cfg, "generate",
+                        self.settings.baseline if baseline is None else baseline)
+
+    def config(self, gen_kwargs: Mapping[str, object], seed: int | None) -> GenerationConfig:
+        """lmms-eval ``gen_kwargs`` -> the core's settings (``args.generation_config``)."""
+        return generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
+                                 eos_token_ids=self.target.eos_token_ids, seed=seed)
+
+    def run(self, prompt: PromptInputs, cfg: GenerationConfig, task: str,
+            baseline: bool) -> Generation:
+        """Decode one request of ``task`` speculatively (autoregressively with ``sd=off``),
+        then, with ``baseline``, autoregressively again unless the method left it unmeasured."""
+        if baseline and self.drafter is None:
+            raise ValueError("baseline compares speculative decoding with autoregressive "
+                             "decoding; with sd=off there is nothing to compare")
+        speculative = self.drafter is not None
+        observer = self.method.start_request(task, cfg) if speculative else None
+        text, result = self._decode(prompt, cfg, speculative, observer)
+        extras = self.method.request_extras() if speculative else {}
+        if not (baseline and extras.get("measured", True)):
+            return Generation(text, result, cfg.sampling.greedy, extras=extras)
+        base_text, base = self._decode(prompt, cfg, False)
+        return Generation(text, result, cfg.sampling.greedy, base, base_text, extras)
+
+    def _decode(self, prompt: PromptInputs, cfg: GenerationConfig, speculative: bool,
+                observer: StepObserver | None = None) -> tuple[str, CoreResult]:
+        drafter, builder = (self.drafter, self.builder) if speculative else (None, None)
+        result = generate(self.target, prompt, cfg, drafter, builder, self.target.decode,
+                          observer=observer)
+        return cut_at_stop(self.target.decode(result.tokens), cfg.stop_strings), result
+
+
+def load(target: str | Path, method: str = "msd", *, draft: str | Path | None = None,
+         tree: str | None = None, dtype: str | None = None, device: str | None = None,
+         **settings: Any) -> Speculator:
+    """A speculative decoder for the LLaVA or Qwen2-VL checkpoint ``target``.
+
+    method:   ``sd`` (a draft model), ``msd`` (an MSD / EAGLE-2 head), ``msd_calibrated``
+              (needs ``**{"cal.calibrator": PATH}``) or ``cascade`` (``drafts=[...]``,
+              ``k_matrix="4 2;0 3"``): the methods of ``lmms_sd.methods``.
+    draft:    the draft model or head; tree: a builder name (default: the method's), its
+              settings as ``**{"tree.k": 4}``; dtype: float32 (default), bfloat16 or float16;
+              device: default cuda when available, else cpu.
+    settings: any other ``model_args`` key of the method (``args.SDArgs``, ``MSDArgs``, ...),
+              e.g. ``max_new_tokens``, ``seed``, ``baseline``, ``sd``. None means the default.
+    """
+    method_class(method)
+    values = {"pretrained": target, "draft": draft, "tree": tree, "dtype": dtype,
+              "device": device, **settings}
+    name = f"{check_family(target, None, 'lmms_sd.load')}_{method}"
+    return open_model(name, {k: v for k, v in values.items() if v is not None})
+
+
+def open_model(name: str, model_args: Mapping[str, object]) -> Speculator:
+    """The decoder of the lmms-eval model ``name`` (e.g. ``llava_msd``) with ``model_args``."""
+    family, method = split_model_name(name)
+    spec = method_class(method).parse(model_args, name)
+    if isinstance(spec, MSDCalibrated) and spec.calibration.calibrator is None:
+        raise ValueError(f"{name} outside lmms-eval needs cal.calibrator=PATH (a fitted "
+                         "calibrator): online calibration (cal.train_ratio) needs each task's "
+                         "request count up front, which only an evaluation knows")
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    return Speculator(spec, torch.device(spec.settings.device or default), family)
+
+
+def check_family(path: str | Path, family: str | None, who: str) -> str:
+    """The family of the target at ``path`` (its ``model_type``), which must be ``family``
+    when given, else one of ``FAMILIES``."""
+    found = model_type(path)
+    if family is not None and found != family:
+        raise ValueError(f"{who} needs a {family} target; {path} is a {found} checkpoint")
+    if found not in FAMILIES:
+        raise ValueError(f"{who}: {path} is a {found!r} checkpoint; the target must be one of "
+                         f"{', '.join(FAMILIES)}")
+    return found
+
+
+# ---------------------------------------------------------------------------- inputs
+
+def messages_and_images(prompt: str | Messages, images: ImageLike | Sequence[ImageLike] | None
+                        ) -> tuple[str | Messages, list[Image.Image]]:
+    """The prompt for ``HFAdapter.prepare`` and its images in order.
+
+    A string prompt takes ``images`` as given. Messages (``{"role", "content"}``, content a
+    string or a list of parts) place their images with parts ``{"type": "image"}`` (the next
+    of ``images``), ``{"type": "image", "url" | "image": IMAGE}`` (lmms-eval, transformers) or
+    ``{"type": "image_url", "image_url": {"url": IMAGE}}`` (OpenAI); IMAGE is a PIL image, a
+    path or a data: URL. Every image given must have its place."""
+    given = [] if images is None else [images] if isinstance(images, (Image.Image, str, Path)) \
+        else list(images)
+    if isinstance(prompt, str):
+        return prompt, [open_image(i) for i in given]
+    out, pictures, free = [], [], iter(given)
+    for m in prompt:
+        parts = m["content"]
+        parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
+        content = []
+        for part in parts:
+            kind = part.get("type")
+            if kind == "text":
+                content.append({"type": "text", "text": part["text"]})
+                continue
+            if kind not in ("image", "image_url"):
+                raise NotImplementedError(f"message part of type {kind!r}: only text and image "
+                                          "inputs are supported")
+            source = part["image_url"]["url"] if kind == "image_url" else \
+                part.get("url", part.get("image"))
+            source = next(free, None) if source is None else source
+            if source is None:
+                raise ValueError(f"the messages have more image parts than the {len(given)} "
+                                 "image(s) given")
+            pictures.append(open_image(source))
+            content.append({"type": "image"})
+        out.append({"role": m["role"], "content": content})
+    if next(free, None) is not None:
+        raise ValueError(f"{len(given)} image(s) given but the messages have fewer "
+                         "{'type': 'image'} parts to place them")
+    return out, pictures
+
+
+def open_image(source: ImageLike) -> Image.Image:
+    """An RGB image from a PIL image, a file path or a ``data:image/...;base64,`` URL."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    text = str(source)
+    if text.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(text.partition(",")[2]))).convert("RGB")
+    if text.startswith(("http://", "https://")):
+        raise ValueError(f"{text}: download the image and pass the file or a PIL image")
+    return Image.open(text.removeprefix("file://")).convert("RGB")
