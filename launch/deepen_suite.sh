@@ -22,12 +22,13 @@ step() {  # step NAME COMMAND...: run once
   echo "$((SECONDS - t0))" > "$marks/$name"; echo "== $name: $((SECONDS - t0)) s"
 }
 step deepen "$PY" -m lmms_sd.train.shapes_models --family "$family" --out "$out" \
-  --stages deepen --deepen-steps "${DEEPEN_STEPS:-120}"
+  --stages deepen --deepen-steps "${DEEPEN_STEPS:-60}"
 step drafts "$PY" -m lmms_sd.train.shapes_models --family "$family" --out "$out" \
-  --stages draft_vlm,text_only --warm-start --draft-steps "${DRAFT_STEPS:-100}" --cards model_cards
+  --stages draft_vlm,text_only --warm-start --draft-steps "${DRAFT_STEPS:-60}" \
+  --draft-batch-size "${DRAFT_BATCH:-32}" --cards model_cards
 resume=(); [ -d "$out/msd_head_deep/state" ] && resume=(--resume)
 step head "$PY" -m lmms_sd.train.msd --target "$out/target" --init "$out/msd_head" \
-  --out "$out/msd_head_deep" --steps "${HEAD_STEPS:-600}" --batch-size 16 --lr 1e-3 \
+  --out "$out/msd_head_deep" --steps "${HEAD_STEPS:-300}" --batch-size 16 --lr 1e-3 \
   --threads 1 --eval-items 16 ${resume[@]+"${resume[@]}"}
 step head_swap bash -c "rm -rf '$out/msd_head' && mv '$out/msd_head_deep' '$out/msd_head'"
 step compare "$PY" -m lmms_sd.train.msd_compare --family "$family" --cards model_cards

@@ -273,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="drafts continue from the saved ones instead of a fresh init")
     parser.add_argument("--target-steps", type=int, default=None)
     parser.add_argument("--draft-steps", type=int, default=None)
+    parser.add_argument("--draft-batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a busy 2-core machine)")
     parser.add_argument("--cards", type=Path, default=None,
@@ -293,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     base = replace(Recipe(args.family), deep_layers=args.layers, warm_start=args.warm_start)
+    if args.draft_batch_size is not None:
+        base = replace(base, **{name: replace(getattr(base, name),
+                                              batch_size=args.draft_batch_size)
+                                for name in ("draft_optim", "text_only_optim")})
     if args.deepen_steps is not None:
         base = _with_steps(base, "deepen_optim", args.deepen_steps)
     if args.target_steps is not None:
