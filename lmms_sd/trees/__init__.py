@@ -63,7 +63,12 @@ def make_builder(name: str, **params: Any) -> TreeBuilder:
 
 
 def _convert(value: Any, kind: type, what: str) -> Any:
-    """``value`` as a ``kind`` (bool, int, float or str); strings are parsed."""
+    """``value`` as a ``kind`` (bool, int, float, str, or ``X | None``); strings are parsed."""
+    args = typing.get_args(kind)
+    if type(None) in args and len(args) == 2:  # X | None: "none" or an X
+        if value is None or str(value).strip().lower() in ("none", "null"):
+            return None
+        kind = next(a for a in args if a is not type(None))
     if kind is bool:
         if isinstance(value, bool):
             return value
