@@ -392,6 +392,19 @@ def test_cascade_is_lossless_and_counts_its_reviews(tiny_paths: dict, noisy_draf
     assert sum(r["stats"]["accepted"] for r in records) > 0
 
 
+@pytest.mark.parametrize("extra", [{}, {"bottom_tokens": 10, "mag_match": "earliest"}],
+                         ids=["ours", "published_mag"])
+def test_cascade_of_mag_alone_runs_with_published_defaults(tiny_paths: dict, tmp_path: Path,
+                                                           extra: dict):
+    # drafts=mag and nothing else: CS Drafting's k_matrix [[10]] for one draft; lossless
+    model = make_model("qwen2_vl", method="Cascade", pretrained=tiny_paths["qwen2_vl"]["target"],
+                       drafts="mag", baseline=True, **extra)
+    out, records = records_of(model, False, tmp_path / "s.jsonl")
+    assert model.drafter.cfg.k_matrix == ((10,),)
+    assert all(r["text_match"] for r in records)
+    assert {n for r in records for n in r["cascade"]["chain_lengths"]} == {10}
+
+
 def test_cascade_settings_errors(tiny_paths: dict):
     target = tiny_paths["llava"]["target"]
     with pytest.raises(ValueError, match="k_matrix='2,1'"):

@@ -140,15 +140,25 @@ class CascadeArgs(CommonArgs):
 
     drafts:    draft checkpoints from large to small, ``;``-separated; ``mag`` is the statistical
                bottom draft (longest suffix match, then a bigram table).
-    k_matrix:  the n x n quotas, rows ``;``-separated, entries space-separated (``"4 2;0 3"``).
-    lenience:  L >= 1 for the reviews inside the cascade (the target's review stays exact).
-    bigram:    a bigram table file for ``mag`` (``lmms_sd.drafters.bigram``).
+    k_matrix:  the n x n quotas, rows ``;``-separated, entries space-separated (``"4 2;0 3"``);
+               default: CS Drafting's published matrix for n drafts (``PUBLISHED_DEFAULTS``:
+               ``10`` for MaG alone, ``13 10;0 10`` for one draft + MaG, ...).
+    lenience:  L >= 1 for the reviews inside the cascade (the target's review stays exact);
+               default: the published value for n drafts (1, 3, 2 for n = 1, 2, 3).
+    bottom_tokens: tokens the bottom draft proposes per call; default: the missing quota;
+               ``10`` as the published cascade.
+    mag_match: ``recent`` (default) or ``earliest`` (the published MaG) occurrence of the
+               longest suffix match.
+    bigram:    a bigram table file for ``mag`` (``lmms_sd.drafters.bigram``), checked against
+               the target's tokenizer.
     tree:      default ``cascade`` (the cascade's own chain); any builder name also works.
     """
 
     drafts: tuple[str, ...] = ()
     k_matrix: str = ""
-    lenience: float = 1.0
+    lenience: float | None = None
+    bottom_tokens: int | None = None
+    mag_match: str = "recent"
     bigram: str | None = None
     tree: str = "cascade"
 

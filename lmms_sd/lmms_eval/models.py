@@ -23,7 +23,7 @@ from ..drafters.bigram import BigramTable
 from ..drafters.cascade import CascadeBuilder, CascadeConfig, CascadeDrafter
 from ..drafters.model import ModelDrafter
 from ..drafters.msd import MSDConfig, MSDDrafter, load_msd_drafter
-from ..drafters.ngram import MaGDrafter
+from ..drafters.ngram import MaGConfig, MaGDrafter
 from ..trees import TreeBuilder
 from .args import CascadeArgs, MSDArgs, MSDCalibratedArgs, SDArgs, from_mapping
 from .base import SpeculativeLMM
@@ -86,7 +86,8 @@ class _Cascade(SpeculativeLMM):
     def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
         s = self.settings
         drafts = [self._member(path) for path in _need(s.drafts, "drafts", self)]
-        cfg = CascadeConfig.of(parse_k_matrix(s.k_matrix), s.lenience)
+        k_matrix = parse_k_matrix(s.k_matrix) if s.k_matrix.strip() else None
+        cfg = CascadeConfig.published(len(drafts), k_matrix, s.lenience, s.bottom_tokens)
         return CascadeDrafter(drafts, cfg), self.tree
 
     def request_extras(self) -> dict[str, Any]:
@@ -95,8 +96,11 @@ class _Cascade(SpeculativeLMM):
     def _member(self, path: str) -> Drafter:
         if path != "mag":
             return _model_drafter(self, path)
-        table = BigramTable.load(Path(self.settings.bigram)) if self.settings.bigram else None
-        return MaGDrafter(self.target.vocab_size, table)
+        table = None
+        if self.settings.bigram:
+            table = BigramTable.load(Path(self.settings.bigram))
+            table.check_vocab(self.target.tokenizer, self.target.vocab_size)
+        return MaGDrafter(self.target.vocab_size, table, MaGConfig(match=self.settings.mag_match))
 
 
 def parse_k_matrix(text: str) -> list[list[int]]:
