@@ -13,10 +13,12 @@ Accepted draft slots are recomputed at the next root() from the target's real fe
 EAGLE does); their predicted-feature cache entries are dropped.
 
 Positions: Llama heads use target positions p. A Qwen2-VL head uses M-RoPE; with
-``positions="target"`` (default) it takes exactly the target's positions: the prompt's 3-D
-positions from the target's rope index and p + rope_delta in all three sections after it. With
+``positions="target"`` it takes exactly the target's positions: the prompt's 3-D positions from
+the target's rope index and p + rope_delta in all three sections after it. With
 ``positions="sequential"`` it uses p in all three sections, as MSD's released Qwen2-VL head was
-trained and run (1-D positions). The draft positions never affect losslessness, only acceptance.
+trained and run (1-D positions). By default (``MSDConfig.positions=None``) a head runs with the
+scheme it was trained with (``MSDHead.positions``, read from its config by ``msd_format``).
+The draft positions never affect losslessness, only acceptance.
 """
 from __future__ import annotations
 
@@ -29,9 +31,7 @@ from transformers import PreTrainedModel
 
 from ..core.interfaces import PromptInputs, StepOutput
 from ..core.working_tree import WorkingTree
-from .msd_head import MSDHead
-
-POSITION_SCHEMES = ("target", "sequential")
+from .msd_head import POSITION_SCHEMES, MSDHead
 
 # prompt -> (# [3, T] the target's M-RoPE prompt positions, rope delta for later text positions)
 RopeIndex = Callable[[PromptInputs], tuple[Tensor, int]]
@@ -39,11 +39,13 @@ RopeIndex = Callable[[PromptInputs], tuple[Tensor, int]]
 
 @dataclass(frozen=True)
 class MSDConfig:
-    positions: str = "target"
+    """positions: ``target`` | ``sequential``, or None for the head's own (``MSDHead.positions``)."""
+
+    positions: str | None = None
     name: str = "msd"
 
     def __post_init__(self) -> None:
-        if self.positions not in POSITION_SCHEMES:
+        if self.positions is not None and self.positions not in POSITION_SCHEMES:
             raise ValueError(f"positions must be one of {POSITION_SCHEMES}, got {self.positions!r}")
 
 
@@ -70,7 +72,8 @@ class MSDDrafter:
 
     def __init__(self, head: MSDHead, cfg: MSDConfig = MSDConfig(),
                  rope_index: RopeIndex | None = None):
-        self.mrope = head.kind == "qwen2_vl" and cfg.positions == "target"
+        self.positions = cfg.positions or head.positions
+        self.mrope = head.kind == "qwen2_vl" and self.positions == "target"
         if self.mrope and rope_index is None:
             raise ValueError("a Qwen2-VL head with positions='target' needs the target's rope "
                              "index (e.g. qwen2_vl_rope_index(target_model))")

@@ -37,6 +37,10 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLRotaryEmbedding,
 )
 
+# how the head's rotary positions are counted (``msd.py``): the target's own (M-RoPE for
+# Qwen2-VL) or 1-D ``arange`` in every section (MSD's released Qwen2-VL head)
+POSITION_SCHEMES = ("target", "sequential")
+
 # language-model ``model_type`` -> the head's layer kind
 LAYER_KINDS = {"llama": "llama", "qwen2_vl": "qwen2_vl", "qwen2_vl_text": "qwen2_vl"}
 
@@ -74,11 +78,17 @@ class MSDHead(nn.Module):
     Qwen2VLTextConfig) describing the head: hidden size, heads, MLP width, rope parameters.
     ``vocab_limit``: token ids >= it get -inf draft logits (a head trained on a 32000-token
     vocabulary under llava-hf's padded 32064-token one never proposes the padding ids).
+    ``positions``: the scheme the head was trained with (``POSITION_SCHEMES``); the drafter
+    uses it unless told otherwise, and ``save_msd_head`` records it.
     """
 
     def __init__(self, config: PretrainedConfig, embed_tokens: nn.Embedding, lm_head: nn.Linear,
-                 *, fc_bias: bool = True, vocab_limit: int | None = None):
+                 *, fc_bias: bool = True, vocab_limit: int | None = None,
+                 positions: str = "target"):
         super().__init__()
+        if positions not in POSITION_SCHEMES:
+            raise ValueError(f"positions must be one of {POSITION_SCHEMES}, got {positions!r}")
+        self.positions = positions
         hidden = config.hidden_size
         if getattr(lm_head, "bias", None) is not None:
             raise ValueError("MSD heads assume a target lm_head without bias")

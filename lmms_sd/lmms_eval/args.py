@@ -99,13 +99,15 @@ class _HeadArgs(CommonArgs):
     draft:            the head: a folder (or hub id) in the published EAGLE/MSD layout.
     msd_model_path:   the same, under the name the MSD code uses (give one of the two).
     positions:        ``target`` (the target's exact positions, M-RoPE included) or
-                      ``sequential`` (1-D positions, as MSD's Qwen2-VL head was trained).
+                      ``sequential`` (1-D positions, as MSD's Qwen2-VL head was trained);
+                      default: the scheme the head was trained with (its config's record, else
+                      its publisher's: ``sequential`` for a published MSD Qwen2-VL head).
     check_embeddings: compare the head's stored embedding with the target's.
     """
 
     draft: str | None = None
     msd_model_path: str | None = None
-    positions: str = "target"
+    positions: str | None = None
     check_embeddings: bool = True
 
     def __post_init__(self) -> None:
