@@ -353,20 +353,25 @@ def test_msd_head_is_lossless(tiny_paths: dict, msd_heads: dict, family: str, tm
     assert all(r["stats"]["draft_forwards"] > 0 for r in records)
 
 
+@pytest.mark.parametrize("steering", ["thesis", "replace"])
 def test_calibrated_msd_measures_only_after_calibration(tiny_paths: dict, msd_heads: dict,
-                                                       tmp_path: Path):
+                                                       tmp_path: Path, steering: str):
     """train_ratio 0.5 of 2 requests: the first collects traces (not measured, no baseline),
-    the second is decoded with the fitted calibrator and measured."""
+    the second is decoded with the fitted calibrator and measured. The traces carry the MSD
+    head's own image attention."""
     from lmms_eval.models.model_utils.gen_metrics import (reset_logged_metrics,
                                                           summarize_logged_metrics)
 
     model = make_model("llava", method="MSDCalibrated", pretrained=tiny_paths["llava"]["target"],
                        draft=msd_heads["llava"], baseline=True,
                        **{"cal.train_ratio": 0.5, "cal.nodes": 6, "cal.max_depth": 3,
-                          "cal.min_samples": 1})
+                          "cal.min_samples": 1, "cal.steering": steering})
     reset_logged_metrics()
     _, records = records_of(model, False, tmp_path / "s.jsonl")
+    assert model.session.builder.steering == steering
     assert [(r["measured"], r["calibrated"]) for r in records] == [(False, False), (True, True)]
+    traces = [r for task in model.session.summary() for r in model.session.traces(task)]
+    assert traces and max(r.features.attention for r in traces) > 0
     assert records[0]["baseline"] is None and records[1]["text_match"] is True
     summary = summarize_logged_metrics()
     assert summary["avg_requests"] == 1 and summary["avg_unmeasured_requests"] == 1

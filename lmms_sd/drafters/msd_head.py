@@ -135,18 +135,35 @@ class MSDHead(nn.Module):
         return u
 
     def forward(self, inputs: Tensor, positions: Tensor, mask: Tensor,
-                cache: DynamicCache | None = None) -> Tensor:
+                cache: DynamicCache | None = None, *,
+                attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Run the layers over Q new slots, appending them to ``cache`` if given.
 
         inputs:    # [B, Q, H] slot inputs u
         positions: # [B, Q] long, or [3, B, Q] for M-RoPE (temporal, height, width)
         mask:      # [B, Q, K] bool, True where slot i may attend key j; K = cached + Q
-        returns    # [B, Q, H] g, the predicted target features
+        returns    # [B, Q, H] g, the predicted target features; with ``attentions`` also
+                   # [B, Q, K] the last layer's head-averaged attention (eager attention for
+                   # this call: SDPA does not return its weights)
         """
         additive = torch.zeros(mask.shape, dtype=inputs.dtype, device=inputs.device)
         additive = additive.masked_fill(~mask, torch.finfo(inputs.dtype).min)[:, None]
         rope = self.rotary(inputs, positions)
-        hidden = inputs
+        if not attentions:
+            return self._layers(inputs, additive, rope, cache)
+        seen: list[Tensor] = []
+        hook = self.layers[-1].self_attn.register_forward_hook(
+            lambda module, args, out: seen.append(out[1]))
+        impl, self.config._attn_implementation = self.config._attn_implementation, "eager"
+        try:
+            hidden = self._layers(inputs, additive, rope, cache)
+        finally:
+            self.config._attn_implementation = impl
+            hook.remove()
+        return hidden, seen[0].mean(dim=1)  # [B, heads, Q, K] -> [B, Q, K]
+
+    def _layers(self, hidden: Tensor, additive: Tensor, rope: tuple[Tensor, Tensor],
+                cache: DynamicCache | None) -> Tensor:
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=additive, past_key_values=cache,
                            use_cache=cache is not None, position_embeddings=rope)

@@ -122,10 +122,8 @@ class _MSDCalibrated(SpeculativeLMM):
     GROUPS = ("cal",)
 
     def configure(self) -> None:
-        # The MSD head cannot report its image attention yet (recording.with_attention_tap
-        # supports draft models only): attention features are 0 unless asked for explicitly.
-        params = {"attention": "false", **self.groups["cal"]}
-        self.calibration = from_mapping(CalibratedSettings, params, what="cal settings")
+        self.calibration = from_mapping(CalibratedSettings, self.groups["cal"],
+                                        what="cal settings")
 
     def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
         drafter, builder, self.session = make_calibrated(
