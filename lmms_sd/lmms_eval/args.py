@@ -132,8 +132,9 @@ class MSDArgs(_HeadArgs):
 @dataclass(frozen=True)
 class MSDCalibratedArgs(_HeadArgs):
     """``*_msd_calibrated``: the MSD head under the Calibrated OPT-Tree. The tree is fixed; its
-    and the calibrator's settings go in ``cal.<key>=`` (``CalibratedSettings``: nodes,
-    max_depth, threshold, train_ratio, calibrator, label, ...). Head keys as ``_HeadArgs``."""
+    and the calibrator's settings go in ``cal.<key>=`` (``CalibratedSettings``: steering
+    (thesis | replace), nodes, top_k, max_depth, threshold, alpha, train_ratio, calibrator,
+    label, ...). Head keys as ``_HeadArgs``."""
 
 
 @dataclass(frozen=True)

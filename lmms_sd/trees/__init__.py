@@ -2,9 +2,12 @@
 
 name      settings (one frozen dataclass each)      what it drafts
 chain     ChainConfig(k)                             k tokens in a line
-static    StaticConfig(growmap, acceptance, ...)     a fixed Sequoia shape
-dynamic   DynamicConfig(depth, top_k, total_tokens)  EAGLE-2's best-first tree (MSD)
-opt       OptConfig(nodes, threshold, max_depth)     OPT-Tree with early stop
+static    StaticConfig(growmap, acceptance, budget,  a fixed Sequoia shape (or Sequoia's
+          depth | max_budget, max_depth)              root-counting max_budget, max_depth)
+dynamic   DynamicConfig(depth, top_k, total_tokens)  EAGLE-2's best-first tree (MSD; total_tokens
+                                                     counts the root)
+opt       OptConfig(nodes, threshold, max_depth,     OPT-Tree with early stop
+          top_k)
 cascade   CascadeTreeConfig()                        a CascadeDrafter's own chain (CS Drafting)
 
 Parameters may be strings (from a command line); they are converted to the type of the
