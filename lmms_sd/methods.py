@@ -26,7 +26,7 @@ from .drafters.bigram import BigramTable
 from .drafters.cascade import CascadeBuilder, CascadeConfig, CascadeDrafter
 from .drafters.model import ModelDrafter
 from .drafters.msd import MSDConfig, MSDDrafter, load_msd_drafter
-from .drafters.ngram import MaGDrafter
+from .drafters.ngram import MaGConfig, MaGDrafter
 from .lmms_eval.args import (CascadeArgs, CommonArgs, MSDArgs, MSDCalibratedArgs, SDArgs,
                              from_mapping, parse_model_args)
 from .trees import TreeBuilder, make_builder
@@ -124,10 +124,8 @@ class MSDCalibrated(MSD):
     def configure(self) -> None:
         from .calibration.online import CalibratedSettings  # deferred: sklearn takes seconds
 
-        # The MSD head cannot report its image attention yet (recording.with_attention_tap
-        # supports draft models only): attention features are 0 unless asked for explicitly.
-        params = {"attention": "false", **self.groups["cal"]}
-        self.calibration = from_mapping(CalibratedSettings, params, what="cal settings")
+        self.calibration = from_mapping(CalibratedSettings, self.groups["cal"],
+                                        what="cal settings")
 
     def make_decoder(self, target: HFAdapter, load: Loader) -> tuple[Drafter, TreeBuilder]:
         from .calibration.online import make_calibrated
@@ -164,8 +162,9 @@ class Cascade(Method):
     def make_decoder(self, target: HFAdapter, load: Loader) -> tuple[Drafter, TreeBuilder]:
         s = self.settings
         drafts = [self._member(target, load, p) for p in self.need(s.drafts, "drafts")]
-        self.drafter = CascadeDrafter(drafts, CascadeConfig.of(parse_k_matrix(s.k_matrix),
-                                                               s.lenience))
+        k_matrix = parse_k_matrix(s.k_matrix) if s.k_matrix.strip() else None
+        cfg = CascadeConfig.published(len(drafts), k_matrix, s.lenience, s.bottom_tokens)
+        self.drafter = CascadeDrafter(drafts, cfg)
         return self.drafter, self.tree
 
     def request_extras(self) -> dict[str, Any]:
@@ -174,8 +173,11 @@ class Cascade(Method):
     def _member(self, target: HFAdapter, load: Loader, path: str) -> Drafter:
         if path != "mag":
             return _model_drafter(target, load, path)
-        table = BigramTable.load(Path(self.settings.bigram)) if self.settings.bigram else None
-        return MaGDrafter(target.vocab_size, table)
+        table = None
+        if self.settings.bigram:
+            table = BigramTable.load(Path(self.settings.bigram))
+            table.check_vocab(target.tokenizer, target.vocab_size)
+        return MaGDrafter(target.vocab_size, table, MaGConfig(match=self.settings.mag_match))
 
 
 def parse_k_matrix(text: str) -> list[list[int]]:

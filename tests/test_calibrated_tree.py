@@ -171,13 +171,14 @@ def test_traces_agree_with_the_verdict(family: str, tiny_adapters, references) -
 
 
 # ---------------------------------------------------------------------- steering, losslessness
+@pytest.mark.parametrize("steering", ["thesis", "replace"])
 @pytest.mark.parametrize("kind", ["draft_vlm", "scripted"])
-def test_calibrated_tree_greedy_equals_target(kind: str, family: str, tiny_adapters, eager_drafts,
-                                              references) -> None:
+def test_calibrated_tree_greedy_equals_target(kind: str, steering: str, family: str,
+                                              tiny_adapters, eager_drafts, references) -> None:
     target = tiny_adapters[family]["target"]
-    settings = CalibratedSettings(nodes=8, max_depth=4, threshold=0.05, plain_threshold=0.0,
-                                  train_ratio=0.25, label="soft", min_samples=20,
-                                  attention=kind == "draft_vlm")
+    settings = CalibratedSettings(steering, nodes=8, max_depth=4, threshold=0.05,
+                                  plain_threshold=0.0, train_ratio=0.25, label="soft",
+                                  min_samples=20, attention=kind == "draft_vlm")
     refs = references[family]
     if kind == "draft_vlm":
         inner = ModelDrafter(eager_drafts[family], vocab_size=target.vocab_size)
@@ -213,7 +214,8 @@ def test_calibrator_changes_the_tree_and_its_expected_acceptance(
     cal = GroupedIsotonicCalibrator.fit(cols.features, cols.label("soft"), "fp", label="soft")
     prompt, _ = references[family][1]
     inner = ModelDrafter(eager_drafts[family], vocab_size=target.vocab_size)
-    settings = CalibratedSettings(nodes=8, max_depth=4, threshold=0.0, plain_threshold=0.0)
+    settings = CalibratedSettings("replace", nodes=8, max_depth=4, threshold=0.0,
+                                  plain_threshold=0.0)
     drafter, builder, _ = make_calibrated(inner, settings, target.tokenizer, target.vocab_size)
     trees = []
     for calibrator in (None, cal):
@@ -249,8 +251,8 @@ def test_calibrator_lowers_ece_on_held_out_tiny_traces(family: str, tiny_traces)
 def test_session_plans_calibration_requests_per_task(tiny_adapters, references) -> None:
     target = tiny_adapters["llava"]["target"]
     prompt, reference = references["llava"][0]
-    settings = CalibratedSettings(nodes=4, max_depth=3, train_ratio=0.2, attention=False,
-                                  min_samples=10)
+    settings = CalibratedSettings("replace", nodes=4, max_depth=3, train_ratio=0.2,
+                                  attention=False, min_samples=10)
     drafter, builder, session = make_calibrated(ScriptedDrafter(reference, 2, target.vocab_size),
                                                 settings, target.tokenizer, target.vocab_size)
     session.plan({"a": 6, "b": 2})
@@ -266,7 +268,7 @@ def test_session_plans_calibration_requests_per_task(tiny_adapters, references) 
     assert [(p.task, p.index, p.measured) for p in phases] == [
         ("a", 0, False), ("a", 1, False), ("b", 0, False), ("a", 2, True), ("b", 1, True)]
     assert set(session.calibrators) == {"a", "b"}
-    assert session.calibrators["a"].label == "hard"  # auto under greedy decoding
+    assert session.calibrators["a"].label == "hard"  # auto under greedy decoding (replace)
     summary = session.summary()
     assert summary["a"]["calibration_requests"] == 2 and summary["a"]["measured_requests"] == 1
     assert summary["a"]["traces"] == len(session.traces("a")) > 0
@@ -287,8 +289,8 @@ def test_sampled_decoding_fits_the_target_prob_label(tiny_adapters, references) 
     target_prob label; the calibrated tree then decodes with stochastic verification."""
     target = tiny_adapters["qwen2_vl"]["target"]
     prompt, reference = references["qwen2_vl"][2]
-    settings = CalibratedSettings(nodes=4, max_depth=3, train_ratio=0.5, attention=False,
-                                  min_samples=10)
+    settings = CalibratedSettings("replace", nodes=4, max_depth=3, train_ratio=0.5,
+                                  attention=False, min_samples=10)
     drafter, builder, session = make_calibrated(ScriptedDrafter(reference, 2, target.vocab_size),
                                                 settings, target.tokenizer, target.vocab_size)
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids,

@@ -167,6 +167,30 @@ def test_config_errors_name_the_bad_value():
     assert isinstance(CascadeDrafter([MaGDrafter(12)], CascadeConfig(((1,),))), Drafter)
 
 
+def test_published_defaults_fill_what_is_not_given():
+    # CS Drafting's README / main.py configurations, by the number of drafts
+    assert CascadeConfig.published(1) == CascadeConfig(((10,),), 1.0)
+    assert CascadeConfig.published(2) == CascadeConfig(((13, 10), (0, 10)), 3.0)
+    assert CascadeConfig.published(3).k_matrix == ((5, 14, 10), (0, 1, 10), (0, 0, 10))
+    assert CascadeConfig.published(2, [[4, 2], [0, 3]]).lenience == 3.0
+    assert CascadeConfig.published(2, lenience=1.5).k_matrix == ((13, 10), (0, 10))
+    with pytest.raises(ValueError, match="give both"):
+        CascadeConfig.published(4)
+
+
+def test_bottom_tokens_makes_the_bottom_draft_propose_a_fixed_chunk():
+    # the published bottom draft always proposes 10 (_MAG_GENERATION), overshooting quota 4;
+    # ours proposes exactly the missing quota
+    b = rule_drafter(12, successor({}), "B")
+    exact = CascadeDrafter([b], CascadeConfig(((4,),)))
+    start(exact, [7], root=0)
+    assert exact.propose_chain() == [1, 2, 3, 4]
+    fixed = CascadeDrafter([rule_drafter(12, successor({}), "B")],
+                           CascadeConfig(((4,),), bottom_tokens=10))
+    start(fixed, [7], root=0)
+    assert fixed.propose_chain() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
 # ---------------------------------------------------------------- hand-traced cascades
 def test_depth2_vertical_then_horizontal():
     # A prefers a+1 except after 2, where it prefers 5; B (bottom) always proposes a+1.

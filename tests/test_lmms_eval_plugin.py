@@ -353,20 +353,25 @@ def test_msd_head_is_lossless(tiny_paths: dict, msd_heads: dict, family: str, tm
     assert all(r["stats"]["draft_forwards"] > 0 for r in records)
 
 
+@pytest.mark.parametrize("steering", ["thesis", "replace"])
 def test_calibrated_msd_measures_only_after_calibration(tiny_paths: dict, msd_heads: dict,
-                                                       tmp_path: Path):
+                                                       tmp_path: Path, steering: str):
     """train_ratio 0.5 of 2 requests: the first collects traces (not measured, no baseline),
-    the second is decoded with the fitted calibrator and measured."""
+    the second is decoded with the fitted calibrator and measured. The traces carry the MSD
+    head's own image attention."""
     from lmms_eval.models.model_utils.gen_metrics import (reset_logged_metrics,
                                                           summarize_logged_metrics)
 
     model = make_model("llava", method="MSDCalibrated", pretrained=tiny_paths["llava"]["target"],
                        draft=msd_heads["llava"], baseline=True,
                        **{"cal.train_ratio": 0.5, "cal.nodes": 6, "cal.max_depth": 3,
-                          "cal.min_samples": 1})
+                          "cal.min_samples": 1, "cal.steering": steering})
     reset_logged_metrics()
     _, records = records_of(model, False, tmp_path / "s.jsonl")
+    assert model.session.builder.steering == steering
     assert [(r["measured"], r["calibrated"]) for r in records] == [(False, False), (True, True)]
+    traces = [r for task in model.session.summary() for r in model.session.traces(task)]
+    assert traces and max(r.features.attention for r in traces) > 0
     assert records[0]["baseline"] is None and records[1]["text_match"] is True
     summary = summarize_logged_metrics()
     assert summary["avg_requests"] == 1 and summary["avg_unmeasured_requests"] == 1
@@ -390,6 +395,19 @@ def test_cascade_is_lossless_and_counts_its_reviews(tiny_paths: dict, noisy_draf
     assert all(r["text_match"] for r in records)
     assert all(len(r["cascade"]["reviews"]) == 2 for r in records)
     assert sum(r["stats"]["accepted"] for r in records) > 0
+
+
+@pytest.mark.parametrize("extra", [{}, {"bottom_tokens": 10, "mag_match": "earliest"}],
+                         ids=["ours", "published_mag"])
+def test_cascade_of_mag_alone_runs_with_published_defaults(tiny_paths: dict, tmp_path: Path,
+                                                           extra: dict):
+    # drafts=mag and nothing else: CS Drafting's k_matrix [[10]] for one draft; lossless
+    model = make_model("qwen2_vl", method="Cascade", pretrained=tiny_paths["qwen2_vl"]["target"],
+                       drafts="mag", baseline=True, **extra)
+    out, records = records_of(model, False, tmp_path / "s.jsonl")
+    assert model.drafter.cfg.k_matrix == ((10,),)
+    assert all(r["text_match"] for r in records)
+    assert {n for r in records for n in r["cascade"]["chain_lengths"]} == {10}
 
 
 def test_cascade_settings_errors(tiny_paths: dict):

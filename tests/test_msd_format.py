@@ -62,8 +62,8 @@ def published_config(kind: str, **overrides) -> dict:
                "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
                "num_attention_heads": HEADS, "num_hidden_layers": 1, "num_key_value_heads": KV,
                "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
-               "tie_word_embeddings": False, "torch_dtype": "float16", "use_cache": True,
-               "vocab_size": V}
+               "tie_word_embeddings": False, "torch_dtype": "float16",
+               "transformers_version": "4.31.0", "use_cache": True, "vocab_size": V}
     else:
         cfg = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
                "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
@@ -73,7 +73,7 @@ def published_config(kind: str, **overrides) -> dict:
                "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "use_sliding_window": False,
                "vision_config": {"depth": 1, "embed_dim": 16, "hidden_size": H},
                "rope_scaling": {"type": "mrope", "mrope_section": SECTION},
-               "torch_dtype": "bfloat16", "vocab_size": V}
+               "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "vocab_size": V}
     cfg.update(overrides)
     return cfg
 
@@ -134,6 +134,33 @@ def test_loads_a_head_in_the_published_layout(kind: str, targets, tmp_path: Path
     assert head.target.lm_head is target.get_output_embeddings()
     assert head.vocab_limit is None and head.kind == kind and not head.training
     assert head.logits(torch.randn(H)).shape == (V,)
+
+
+@pytest.mark.parametrize("kind,published", [("llama", "target"), ("qwen2_vl", "sequential")])
+def test_a_head_runs_with_the_positions_it_was_trained_with(kind: str, published: str, targets,
+                                                           tmp_path: Path) -> None:
+    # a published config (no record) gets its publisher's scheme (MSD-Qwen2VL: 1-D positions);
+    # our saved config records the head's scheme; a record wins; positions= overrides it
+    from lmms_sd.drafters.msd import MSDConfig, MSDDrafter, qwen2_vl_rope_index
+
+    target = targets[kind]
+    head = load_msd_head(write_published(tmp_path / "pub", kind, target), target)
+    assert head.positions == published
+    head.positions = "sequential" if published == "target" else "target"
+    saved = json.loads((save_msd_head(head, tmp_path / "ours") / "config.json").read_text())
+    assert saved["lmms_sd_positions"] == head.positions
+    assert load_msd_head(tmp_path / "ours", target).positions == head.positions
+    old = {k: v for k, v in saved.items() if k != "lmms_sd_positions"}  # lmms_sd before the key
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(old))
+    assert load_msd_head(tmp_path / "ours", target).positions == "target"
+    if kind == "qwen2_vl":
+        rope = qwen2_vl_rope_index(target)
+        pub = load_msd_head(tmp_path / "pub", target)
+        assert not MSDDrafter(pub, rope_index=rope).mrope
+        assert MSDDrafter(pub, MSDConfig(positions="target"), rope_index=rope).mrope
+    bad = published_config(kind, lmms_sd_positions="3d")
+    with pytest.raises(ValueError, match="lmms_sd_positions"):
+        load_msd_head(write_published(tmp_path / "bad", kind, target, config=bad), target)
 
 
 def test_loads_safetensors_and_ignores_old_rotary_buffers(targets, tmp_path: Path) -> None:

@@ -340,3 +340,32 @@ def test_rope_index_agrees_with_the_target_adapter(tiny_adapters) -> None:
         assert delta == target.rope_delta
         deltas.append(delta)
     assert min(deltas) < 0 and max(deltas) == 0  # images shorten the positions, text does not
+
+
+# ---------------------------------------------------------------------------- image attention
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2_vl"])
+def test_recorded_image_attention_matches_a_fresh_causal_pass(kind: str) -> None:
+    # the root's queries see the prompt slots; their image mass equals the attention of one
+    # cache-free causal pass over the same slots, summed over the image slots 3..5
+    head = make_head(kind)
+    cfg = MSDConfig(positions="sequential") if kind == "qwen2_vl" else MSDConfig()
+    prompt, pre = prompt_and_prefill()
+    d = MSDDrafter(head, cfg)
+    d.record_attention = True
+    d.begin(prompt, pre)
+    d.commit([5], pre.hidden[-1:])
+    logits = d.root()
+    u = slot_inputs(head, [5], pre.hidden[-1:], pre)
+    n = u.shape[1]
+    with torch.no_grad():
+        g, attn = head(u, torch.arange(1, n + 1)[None], torch.ones(n, n, dtype=torch.bool).tril()[None],
+                       attentions=True)
+    assert torch.allclose(attn[0].sum(-1), torch.ones(n), atol=1e-5)
+    assert float(attn[0].triu(1).abs().max()) == 0.0  # masked keys get no weight
+    assert torch.allclose(head.logits(g[0, -1]), logits, atol=1e-4)  # eager == sdpa output
+    image_slots = torch.cat([IMAGE[1:], torch.tensor([False])]).float()
+    assert torch.allclose(d.last_mass, attn[0] @ image_slots, atol=1e-5)
+    assert float(d.last_mass[-1]) > 0
+    d.expand(torch.tensor([6, 7]), torch.tensor([-1, -1]))
+    assert d.last_mass.shape == (2,) and bool(((d.last_mass > 0) & (d.last_mass <= 1)).all())

@@ -81,6 +81,7 @@ def test_short_training_lowers_the_loss_and_drafts_losslessly(family: str, targe
                             MSDTrainConfig(positions=positions))
     losses = [h["loss"] for h in record["loss_history"]]
     assert losses[-1] < losses[0]
+    assert head.positions == positions  # recorded for save_msd_head (lmms_sd_positions)
     prompts = [target.prepare(it.question, [it.image])
                for it in make_items(3, seed=5, split="test")]
     stats = measure_tau(target, head, prompts, "dynamic", max_new_tokens=24, positions=positions,

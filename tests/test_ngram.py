@@ -37,6 +37,18 @@ def test_most_recent_occurrence_wins_among_equal_lengths():
     assert mag_next_token(seq, None) == 8
 
 
+def test_earliest_rule_copies_the_first_occurrence_as_published():
+    # the same sequence as above: the length-1 tie goes to the first 2 (at 1, then 7)
+    seq = _t([5, 2, 7, 6, 2, 8, 9, 2])
+    assert longest_suffix_match(seq, 64, earliest=True) == (1, 2)
+    assert mag_next_token(seq, None, earliest=True) == 7
+    drafter = MaGDrafter(10, cfg=MaGConfig(match="earliest"))
+    drafter.begin(PromptInputs(seq), StepOutput(torch.zeros(1, 10)))
+    assert int(drafter.root().argmax()) == 7
+    with pytest.raises(ValueError, match="match"):
+        MaGConfig(match="latest")
+
+
 def test_max_match_caps_the_length_and_ties_go_to_the_most_recent():
     # [1, 2, 3] matches at 0-2 (then 4) with length 3; [2, 3] also at 5-6 (then 5)
     seq = _t([1, 2, 3, 4, 0, 2, 3, 5, 1, 2, 3])
@@ -176,3 +188,24 @@ def test_build_command_with_a_local_tokenizer(tmp_path):
     assert table.lookup(ids["on"]) == ids["the"]
     assert int(table.next_token[ids["mat"]]) == -1  # only ever at a line end
     assert table.fallback == ids["the"]
+    # the table knows its tokenizer: the same one passes, another one is refused
+    table.check_vocab(hf_tok, len(words))
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {w: i for i, w in enumerate(reversed(words))}, unk_token="[UNK]")), unk_token="[UNK]")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        table.check_vocab(other, len(words))
+
+
+def test_published_list_is_checked_by_size_against_the_target_vocabulary():
+    # a plain list has no fingerprint: it must cover the tokenizer's base vocabulary and fit
+    # the target's logit rows (a Llama table on Qwen2-VL is refused)
+    class Tok:
+        vocab_size = 6
+
+        def get_vocab(self) -> dict[str, int]:
+            return {str(i): i for i in range(6)}
+
+    _table({}, vocab=6, fallback=0).check_vocab(Tok(), vocab_size=8)
+    for size in (5, 9):
+        with pytest.raises(ValueError, match="another tokenizer"):
+            _table({}, vocab=size, fallback=0).check_vocab(Tok(), vocab_size=8)

@@ -215,8 +215,8 @@ def path_probs(tree: DraftTree, drafter: FakeDrafter, sampling: SamplingConfig) 
 BUILDERS = [
     # (name, params, expected size, expected depth, expand-call sizes in greedy mode)
     ("chain", {"k": 5}, 5, 5, [1, 1, 1, 1]),
-    ("static", {"acceptance": "1,0", "budget": 9, "max_depth": 4}, 4, 4, [1, 1, 1]),
-    ("dynamic", {"depth": 3, "top_k": 4, "total_tokens": 20}, 20, None, [4, 4, 4]),
+    ("static", {"acceptance": "1,0", "budget": 9, "depth": 4}, 4, 4, [1, 1, 1]),
+    ("dynamic", {"depth": 3, "top_k": 4, "total_tokens": 20}, 19, None, [4, 4, 4]),
     ("opt", {"nodes": 12, "threshold": 0.0, "max_depth": 4}, 12, None, [12, 12, 12]),
 ]
 
@@ -310,7 +310,7 @@ def test_static_prunes_children_beyond_the_draft_support() -> None:
 def test_static_rank_scores_match_the_dp(tmp_path) -> None:
     # with an acceptance vector, node scores are Sequoia's rank products: E[A] equals the DP's
     plan = sequoia_plan([0.6, 0.25, 0.1], budget=15, max_depth=5)
-    tree = make_builder("static", acceptance="0.6,0.25,0.1", budget="15", max_depth="5")(
+    tree = make_builder("static", acceptance="0.6,0.25,0.1", budget="15", depth="5")(
         FakeDrafter(vocab_size=V), GREEDY)
     assert tree.parents.tolist() == list(plan.shape.parents)
     assert tree.expected_accept == pytest.approx(plan.expected_accept, rel=1e-5)
@@ -323,6 +323,14 @@ def test_static_rank_scores_match_the_dp(tmp_path) -> None:
 def test_dynamic_defaults_are_msd() -> None:
     cfg = make_builder("dynamic").cfg
     assert (cfg.depth, cfg.top_k, cfg.total_tokens) == (5, 10, 59)
+
+
+def test_dynamic_total_tokens_counts_the_root() -> None:
+    # MSD / EAGLE-2 (cnets.py: self.total_tokens = total_tokens - 1): 59 drafts 58 nodes
+    tree = make_builder("dynamic", total_tokens=59)(FakeDrafter(vocab_size=V, seed=2), GREEDY)
+    assert len(tree) == 58
+    with pytest.raises(ValueError, match="counts the root"):
+        DynamicConfig(total_tokens=1)
 
 
 def test_dynamic_keeps_the_global_best() -> None:
@@ -406,6 +414,18 @@ def test_opt_score_fn_may_reorder_children() -> None:
 
 
 # ---------------------------------------------------------------- registry
+def test_static_takes_sequoia_budget_and_depth_verbatim() -> None:
+    # Sequoia's max_budget / max_depth count the root (tree_search.py: T[1][l] is the root alone)
+    acc = "0.6,0.25,0.1"
+    sequoia = make_builder("static", acceptance=acc, max_budget="12", max_depth="4")
+    ours = make_builder("static", acceptance=acc, budget=11, depth=3)
+    assert sequoia.shape == ours.shape
+    assert sequoia.shape.size <= 11 and sequoia.shape.depth <= 3
+    assert make_builder("static", acceptance=acc, budget=12, depth=4).shape.size == 12
+    with pytest.raises(ValueError, match="not both"):
+        make_builder("static", acceptance=acc, budget=11, max_budget=12)
+
+
 def test_registry_converts_strings() -> None:
     b = make_builder("dynamic", depth="3", top_k="4", total_tokens="9")
     assert b.cfg == DynamicConfig(3, 4, 9)

@@ -21,7 +21,7 @@ DEFAULT_METHODS = (
     "ar",
     "draft_vlm:chain:k=4",
     "text_only:chain:k=4",
-    "draft_vlm:static:acceptance=0.6;0.2;0.1;budget=16;max_depth=6",
+    "draft_vlm:static:acceptance=0.6;0.2;0.1;budget=16;depth=6",
     "draft_vlm:dynamic:depth=5;top_k=4;total_tokens=16",
     "draft_vlm:opt:nodes=16;threshold=0.2;max_depth=8",
 )

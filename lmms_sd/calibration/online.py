@@ -49,27 +49,46 @@ from .traces import LABELS, TraceColumns, TraceRecord, write_traces
 AUTO = "auto"
 
 
+# The tree and label of each steering when not given: the thesis's topK_genrate defaults
+# (nodes 500, threshold 0.2, max_depth 10, EAGLE's top_k 10 beam, for calibration requests too;
+# soft labels even under greedy) and lmms_sd's earlier choice (OPT-Tree's 60 nodes, 0.5 while
+# collecting, hard labels under greedy).
+STEERING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "thesis": {"nodes": 500, "top_k": 10, "plain_threshold": 0.2, "label": "soft"},
+    "replace": {"nodes": 60, "top_k": None, "plain_threshold": 0.5, "label": AUTO},
+}
+
+
 @dataclass(frozen=True)
 class CalibratedSettings:
-    """nodes, max_depth:  OPT-Tree's node budget and depth cap, for both trees.
+    """steering:          ``thesis`` (default: logit bias with the adaptive alpha) or ``replace``
+                       (the score is the calibrated probability), see ``steering.py``; it
+                       also sets the defaults of the fields left None (``STEERING_DEFAULTS``).
+    nodes, max_depth:  OPT-Tree's node budget and depth cap, for both trees.
+    top_k:             children per node and beam width (None under ``replace``: ``nodes``).
     threshold:         least gain in calibrated E[A] for a new layer (the thesis: 0.2).
-    plain_threshold:   the same for the plain OPT-Tree of calibration requests (OPT-Tree: 0.5).
+    plain_threshold:   the same for the plain OPT-Tree of calibration requests.
+    alpha:             the thesis's base alpha (its default 1), scaled by the adaptive factor.
     train_ratio:       share of each task's first requests that collect traces (online mode).
     calibrator:        a saved calibrator file: offline mode, every request measured.
     label:             the trace label to fit: soft | hard | target_prob, or auto = hard under
                        greedy decoding, target_prob under sampling (deterministic children).
     min_samples, attention_buckets, finer: the calibrator's grouping (``CalibratorConfig``).
     attention:         read the draft's image attention (a draft VLM must then be loaded with
-                       attn_implementation='eager'); false uses 0 for every candidate.
+                       attn_implementation='eager'; an MSD head reads its own); false uses 0
+                       for every candidate.
     traces_out:        also append each task's calibration traces to this JSONL file."""
 
-    nodes: int = 60
+    steering: str = "thesis"
+    nodes: int | None = None
     max_depth: int = 10
+    top_k: int | None = None
     threshold: float = 0.2
-    plain_threshold: float = 0.5
+    plain_threshold: float | None = None
+    alpha: float = 1.0
     train_ratio: float = 0.2
     calibrator: str | None = None
-    label: str = AUTO
+    label: str | None = None
     min_samples: int = 200
     attention_buckets: int = 5
     finer: tuple[str, ...] = ()
@@ -77,20 +96,28 @@ class CalibratedSettings:
     traces_out: str | None = None
 
     def __post_init__(self) -> None:
+        if self.steering not in STEERING_DEFAULTS:
+            raise ValueError(f"steering must be one of {tuple(STEERING_DEFAULTS)}, got "
+                             f"{self.steering!r}")
+        for name, value in STEERING_DEFAULTS[self.steering].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.calibrator is None and not 0.0 < self.train_ratio < 1.0:
             raise ValueError(f"online calibration needs 0 < train_ratio < 1, got "
                              f"{self.train_ratio} (or pass calibrator=PATH)")
         if self.label != AUTO and self.label not in LABELS:
             raise ValueError(f"unknown label {self.label!r}; expected {AUTO!r} or one of {LABELS}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
         _ = (self.opt_plain, self.opt_steered, self.calibrator_config)  # validates them now
 
     @property
     def opt_plain(self) -> OptConfig:
-        return OptConfig(self.nodes, self.plain_threshold, self.max_depth)
+        return OptConfig(self.nodes, self.plain_threshold, self.max_depth, self.top_k)
 
     @property
     def opt_steered(self) -> OptConfig:
-        return OptConfig(self.nodes, self.threshold, self.max_depth)
+        return OptConfig(self.nodes, self.threshold, self.max_depth, self.top_k)
 
     @property
     def calibrator_config(self) -> CalibratorConfig:
@@ -219,7 +246,8 @@ def make_calibrated(drafter: Drafter, settings: CalibratedSettings, tokenizer: A
     """The drafter, tree builder and session of the Calibrated OPT-Tree.
 
     drafter:    any drafter; with ``settings.attention`` it must be a draft model (a draft VLM
-                loaded with attn_implementation='eager', or a text-only LM: attention 0)
+                loaded with attn_implementation='eager', or a text-only LM: attention 0) or
+                an MSD head (``MSDDrafter``, which reads its own attention)
     tokenizer:  the target's (``get_vocab()`` names calibrators, ``decode`` gives categories)
     vocab_size: the target's vocabulary size (rows of the logits)
     Pass the returned drafter and builder to ``generate`` together with
@@ -235,6 +263,6 @@ def make_calibrated(drafter: Drafter, settings: CalibratedSettings, tokenizer: A
     if settings.calibrator is not None:
         calibrator = GroupedIsotonicCalibrator.load(settings.calibrator, fingerprint)
     builder = SteeredOptBuilder(tracing, categories, settings.opt_plain, settings.opt_steered,
-                                calibrator)
+                                calibrator, settings.steering, settings.alpha)
     session = CalibrationSession(settings, tracing, builder, categories, fingerprint, calibrator)
     return tracing, builder, session

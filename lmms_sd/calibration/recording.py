@@ -11,8 +11,9 @@ some of the nodes they expanded.
 
 Image attention comes from ``AttentionTap``, an adapter proxy that asks every decode forward of
 a draft model for its last layer's head-averaged attention (eager attention only) and keeps the
-mass each query puts on the prompt's image positions. A drafter that cannot see the image (a
-text-only LM) has mass 0 everywhere.
+mass each query puts on the prompt's image positions. An MSD head is its own tap
+(``MSDDrafter.record_attention``: the head's last-layer attention on the prompt's image slots).
+A drafter that cannot see the image (a text-only LM) has mass 0 everywhere.
 
 ``TraceObserver`` is a ``generate()`` observer that labels every verified step with
 ``records_from_tree``; it reads the verify forward the loop has already run, so collection costs
@@ -31,6 +32,7 @@ from ..core.sampling import SamplingConfig, logits_to_probs
 from ..core.tree import DraftTree
 from ..core.verify import Verdict
 from ..drafters.model import ModelDrafter
+from ..drafters.msd import MSDDrafter
 from .features import image_attention_mass
 from .traces import TraceRecord, records_from_tree
 
@@ -90,10 +92,14 @@ class AttentionTap:
         return getattr(self.inner, name)
 
 
-def with_attention_tap(drafter: Drafter) -> tuple[Drafter, AttentionTap | None]:
+def with_attention_tap(drafter: Drafter) -> tuple[Drafter, AttentionTap | MSDDrafter | None]:
     """The drafter rebuilt over an ``AttentionTap`` when it is a draft model that sees the
-    image, else unchanged with no tap. Any other drafter is an error: it cannot report attention
-    (pass ``attention=False`` to the caller's settings to use 0 for every candidate)."""
+    image, an MSD drafter recording its own attention (it is its own tap), else unchanged with
+    no tap. Any other drafter is an error: it cannot report attention (pass ``attention=False``
+    to the caller's settings to use 0 for every candidate). Both taps expose ``last_mass``."""
+    if isinstance(drafter, MSDDrafter):
+        drafter.record_attention = True
+        return drafter, drafter
     if isinstance(drafter, ModelDrafter):
         if drafter.text_only:
             return drafter, None
@@ -101,7 +107,7 @@ def with_attention_tap(drafter: Drafter) -> tuple[Drafter, AttentionTap | None]:
         return ModelDrafter(tap, vocab_size=drafter.vocab_size, name=drafter.name), tap
     raise ValueError(f"drafter {getattr(drafter, 'name', type(drafter).__name__)!r} "
                      f"({type(drafter).__name__}) cannot report its image attention; "
-                     f"only a draft model (ModelDrafter) can today. Use attention=false.")
+                     f"only a draft model or an MSD head can. Use attention=false.")
 
 
 class TracingDrafter:
@@ -109,7 +115,7 @@ class TracingDrafter:
     expanded node (see the module docstring). ``keep_logits`` False keeps only the attention,
     which is all that steering needs."""
 
-    def __init__(self, inner: Drafter, tap: AttentionTap | None = None,
+    def __init__(self, inner: Drafter, tap: AttentionTap | MSDDrafter | None = None,
                  keep_logits: bool = True) -> None:
         self.inner, self.tap, self.keep_logits = inner, tap, keep_logits
         self.name = inner.name

@@ -6,6 +6,11 @@ most frequent token of the corpus (ties: the smallest id), proposed where the ta
 CS Drafting ships such tables (``bigram_models/*.json``: a plain JSON list, entry ``a`` = the
 greedy next token after ``a``); ``BigramTable.load`` reads that format too.
 
+A table is only meaningful under the tokenizer it was counted with. Ours records that
+tokenizer's fingerprint; ``check_vocab`` compares it with the target's, and for a published
+list (no fingerprint) checks that its size lies between the tokenizer's base vocabulary and the
+target's logit rows (a Llama table fits LLaVA's 32000 base ids, not Qwen2-VL's 151643).
+
 Build one from a text corpus (one document per line; pairs never cross lines):
 
     python -m lmms_sd.drafters.bigram build --tokenizer PATH --corpus FILE --out table.json
@@ -15,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -30,10 +35,13 @@ FORMAT = "lmms_sd-bigram-v1"
 
 @dataclass(frozen=True)
 class BigramTable:
-    """next_token: # [V] long, the most frequent successor of each token, -1 for none."""
+    """next_token: # [V] long, the most frequent successor of each token, -1 for none.
+    tokenizer_fingerprint: ``vocab_fingerprint`` of the tokenizer it was counted with (None for
+    a published list)."""
 
     next_token: Tensor
     fallback: int
+    tokenizer_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         v = len(self.next_token)
@@ -60,6 +68,25 @@ class BigramTable:
                 return nxt
         return self.fallback
 
+    def check_vocab(self, tokenizer: "PreTrainedTokenizerBase", vocab_size: int) -> None:
+        """Fail unless this table belongs to ``tokenizer`` (the target's, ``vocab_size`` logit
+        rows); see the module docstring."""
+        from ..calibration.calibrator import vocab_fingerprint  # deferred: sklearn
+
+        fix = ("rebuild it with `python -m lmms_sd.drafters.bigram build --tokenizer "
+               "<the target> ...`")
+        if self.tokenizer_fingerprint is not None:
+            ours = vocab_fingerprint(tokenizer.get_vocab())
+            if self.tokenizer_fingerprint != ours:
+                raise ValueError(f"bigram table was counted with another tokenizer "
+                                 f"({self.tokenizer_fingerprint}, the target's is {ours}): {fix}")
+            return
+        base = int(getattr(tokenizer, "vocab_size", None) or len(tokenizer))
+        if not base <= self.vocab_size <= vocab_size:
+            raise ValueError(f"bigram table has {self.vocab_size} entries; the target's "
+                             f"tokenizer has {base} base tokens and {vocab_size} logit rows, so "
+                             f"the table belongs to another tokenizer: {fix}")
+
     # ------------------------------------------------------------------ building
     @staticmethod
     def from_token_ids(sequences: Iterable[Sequence[int]], vocab_size: int) -> "BigramTable":
@@ -72,6 +99,7 @@ class BigramTable:
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
         doc = {"format": FORMAT, "vocab_size": self.vocab_size, "fallback": self.fallback,
+               "tokenizer_fingerprint": self.tokenizer_fingerprint,
                "next_token": self.next_token.tolist()}
         Path(path).write_text(json.dumps(doc), encoding="utf-8")
 
@@ -89,7 +117,7 @@ class BigramTable:
         nxt = torch.tensor(doc["next_token"], dtype=torch.long)
         if len(nxt) != doc["vocab_size"]:
             raise ValueError(f"{path}: vocab_size {doc['vocab_size']} != {len(nxt)} entries")
-        return BigramTable(nxt, int(doc["fallback"]))
+        return BigramTable(nxt, int(doc["fallback"]), doc.get("tokenizer_fingerprint"))
 
 
 class PairCounter:
@@ -154,12 +182,15 @@ def build_from_corpus(tokenizer: "PreTrainedTokenizerBase", lines: Iterable[str]
     """
     from tqdm import tqdm
 
+    from ..calibration.calibrator import vocab_fingerprint  # deferred: sklearn
+
     counter = PairCounter(vocab_size or len(tokenizer))
     for line in tqdm(lines, total=total, disable=not progress, desc="bigram", unit="line"):
         line = line.rstrip("\n")
         if line.strip():
             counter.add(tokenizer(line, add_special_tokens=False)["input_ids"])
-    return counter.table()
+    fingerprint = vocab_fingerprint(tokenizer.get_vocab())
+    return replace(counter.table(), tokenizer_fingerprint=fingerprint)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

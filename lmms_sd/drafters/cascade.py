@@ -40,7 +40,8 @@ review     D_j accepts proposed token x (after the already-accepted prefix) iff 
 target     the chain is fill(-1, ()). Its review is the core loop's exact verification (L = 1).
 
 Deviations from the published code: the bottom draft proposes exactly the missing quota (the
-published MaG always proposes 10 tokens, and any bottom draft gets one-hot probabilities); each
+published bottom draft always proposes ``_MAG_GENERATION`` = 10 tokens: ``bottom_tokens=10``;
+and any bottom draft gets one-hot probabilities); each
 token carries its own proposal probability (the published ``review`` pairs the probabilities
 one position off); MaG matches token by token (see ``ngram.py``). Published ``k_matrix``
 entries are per-draft increments: the paper's k_12 is ``k_matrix[0][0] + k_matrix[0][1]``.
@@ -65,13 +66,25 @@ from .cost import CostReport, simulate_cost
 Context = tuple[int, ...]  # token ids after this step's root (the root itself excluded)
 
 
+# Published configurations (CS Drafting README.md / main.py) by the number of drafts: the
+# target's row and, for three drafts, the middle draft's; the bottom column is always 10.
+PUBLISHED_DEFAULTS: dict[int, tuple[tuple[tuple[int, ...], ...], float]] = {
+    1: (((10,),), 1.0),                                    # MaG alone: csd() default leniency
+    2: (((13, 10), (0, 10)), 3.0),                         # LLaMA-7B, llama-160m + MaG
+    3: (((5, 14, 10), (0, 1, 10), (0, 0, 10)), 2.0),       # FLAN-T5-xxl, base + small + MaG
+}
+
+
 @dataclass(frozen=True)
 class CascadeConfig:
     """k_matrix: n x n quotas (module docstring), n = number of drafts; lenience L >= 1 for the
-    reviews inside the cascade (the target's review is always exact)."""
+    reviews inside the cascade (the target's review is always exact); bottom_tokens: how many
+    tokens the bottom draft proposes per call: None = exactly the missing quota, 10 = the
+    published cascade (``_MAG_GENERATION``; the chain may then overshoot the quotas)."""
 
     k_matrix: tuple[tuple[int, ...], ...]
     lenience: float = 1.0
+    bottom_tokens: int | None = None
 
     def __post_init__(self) -> None:
         k, n = self.k_matrix, len(self.k_matrix)
@@ -89,12 +102,29 @@ class CascadeConfig:
             raise ValueError(f"k_matrix[0] = {k[0]} proposes no token to the target")
         if not self.lenience >= 1:
             raise ValueError(f"lenience must be >= 1, got {self.lenience}")
+        if self.bottom_tokens is not None and self.bottom_tokens < 1:
+            raise ValueError(f"bottom_tokens must be >= 1 (or None), got {self.bottom_tokens}")
 
     @staticmethod
-    def of(k_matrix: Sequence[Sequence[int]] | Tensor, lenience: float = 1.0) -> "CascadeConfig":
+    def published(n_drafts: int, k_matrix: Sequence[Sequence[int]] | None = None,
+                  lenience: float | None = None, bottom_tokens: int | None = None
+                  ) -> "CascadeConfig":
+        """The settings with CS Drafting's published k_matrix and lenience for ``n_drafts``
+        drafts wherever ``k_matrix`` / ``lenience`` are None."""
+        if (k_matrix is None or lenience is None) and n_drafts not in PUBLISHED_DEFAULTS:
+            raise ValueError(f"CS Drafting publishes k_matrix and lenience for 1-3 drafts, not "
+                             f"{n_drafts}: give both (k_matrix='a b;0 c', lenience=L)")
+        k_default, l_default = PUBLISHED_DEFAULTS.get(n_drafts, ((), 1.0))
+        return CascadeConfig.of(k_default if k_matrix is None else k_matrix,
+                                l_default if lenience is None else lenience, bottom_tokens)
+
+    @staticmethod
+    def of(k_matrix: Sequence[Sequence[int]] | Tensor, lenience: float = 1.0,
+           bottom_tokens: int | None = None) -> "CascadeConfig":
         """From nested lists or a tensor, as the published code takes it."""
         rows = k_matrix.tolist() if isinstance(k_matrix, Tensor) else k_matrix
-        return CascadeConfig(tuple(tuple(int(v) for v in row) for row in rows), float(lenience))
+        return CascadeConfig(tuple(tuple(int(v) for v in row) for row in rows), float(lenience),
+                             bottom_tokens)
 
     @property
     def depth(self) -> int:
@@ -245,8 +275,8 @@ class CascadeDrafter:
             quota += quotas[j]
             while len(out.tokens) < quota:
                 ctx = path + tuple(out.tokens)
-                more = (self._bottom(ctx, quota - len(out.tokens)) if j == n - 1
-                        else self._draft_step(j, ctx))
+                more = (self._bottom(ctx, self.cfg.bottom_tokens or quota - len(out.tokens))
+                        if j == n - 1 else self._draft_step(j, ctx))
                 out.tokens += more.tokens
                 out.probs += more.probs
         return out

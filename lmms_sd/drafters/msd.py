@@ -12,11 +12,18 @@ see the glossary in ``msd_head``). Per request and step:
 Accepted draft slots are recomputed at the next root() from the target's real features (as
 EAGLE does); their predicted-feature cache entries are dropped.
 
+Image attention (for the calibrated tree's visual-attention feature): with ``record_attention``
+set, every forward also reads the head's last-layer attention and keeps in ``last_mass`` # [Q]
+the mass each new query puts on the prompt's image slots (the thesis reads the draft head's own
+attention). The drafter is then its own attention tap (``calibration.recording``).
+
 Positions: Llama heads use target positions p. A Qwen2-VL head uses M-RoPE; with
-``positions="target"`` (default) it takes exactly the target's positions: the prompt's 3-D
-positions from the target's rope index and p + rope_delta in all three sections after it. With
+``positions="target"`` it takes exactly the target's positions: the prompt's 3-D positions from
+the target's rope index and p + rope_delta in all three sections after it. With
 ``positions="sequential"`` it uses p in all three sections, as MSD's released Qwen2-VL head was
-trained and run (1-D positions). The draft positions never affect losslessness, only acceptance.
+trained and run (1-D positions). By default (``MSDConfig.positions=None``) a head runs with the
+scheme it was trained with (``MSDHead.positions``, read from its config by ``msd_format``).
+The draft positions never affect losslessness, only acceptance.
 """
 from __future__ import annotations
 
@@ -29,9 +36,7 @@ from transformers import PreTrainedModel
 
 from ..core.interfaces import PromptInputs, StepOutput
 from ..core.working_tree import WorkingTree
-from .msd_head import MSDHead
-
-POSITION_SCHEMES = ("target", "sequential")
+from .msd_head import POSITION_SCHEMES, MSDHead
 
 # prompt -> (# [3, T] the target's M-RoPE prompt positions, rope delta for later text positions)
 RopeIndex = Callable[[PromptInputs], tuple[Tensor, int]]
@@ -39,11 +44,13 @@ RopeIndex = Callable[[PromptInputs], tuple[Tensor, int]]
 
 @dataclass(frozen=True)
 class MSDConfig:
-    positions: str = "target"
+    """positions: ``target`` | ``sequential``, or None for the head's own (``MSDHead.positions``)."""
+
+    positions: str | None = None
     name: str = "msd"
 
     def __post_init__(self) -> None:
-        if self.positions not in POSITION_SCHEMES:
+        if self.positions is not None and self.positions not in POSITION_SCHEMES:
             raise ValueError(f"positions must be one of {POSITION_SCHEMES}, got {self.positions!r}")
 
 
@@ -70,7 +77,8 @@ class MSDDrafter:
 
     def __init__(self, head: MSDHead, cfg: MSDConfig = MSDConfig(),
                  rope_index: RopeIndex | None = None):
-        self.mrope = head.kind == "qwen2_vl" and cfg.positions == "target"
+        self.positions = cfg.positions or head.positions
+        self.mrope = head.kind == "qwen2_vl" and self.positions == "target"
         if self.mrope and rope_index is None:
             raise ValueError("a Qwen2-VL head with positions='target' needs the target's rope "
                              "index (e.g. qwen2_vl_rope_index(target_model))")
@@ -85,6 +93,9 @@ class MSDDrafter:
         self._root_g: Tensor | None = None      # [H] the head's output at the root slot
         self._node_g: list[Tensor] = []         # per expanded node: # [H]
         self._tree = WorkingTree()                # this step's expanded nodes
+        self.record_attention = False
+        self.last_mass: Tensor | None = None        # [Q] image-attention mass per query
+        self._image_slots = torch.zeros(0, dtype=torch.bool)  # [T-1] slot p at index p-1
 
     # ------------------------------------------------------------------ protocol
     @torch.no_grad()
@@ -104,6 +115,7 @@ class MSDDrafter:
         self._committed = 0
         self._reset_tree()
         self._root_g = None
+        self._image_slots = image[1:].detach().cpu()
         if self.mrope:
             self._prompt_pos, self._delta = self.rope_index(prompt)
         dev = self.head.fc.weight.device
@@ -132,7 +144,7 @@ class MSDDrafter:
         c, k = self._committed, len(u)
         mask = torch.ones(k, c + k, dtype=torch.bool, device=u.device).tril(c)
         slots = torch.arange(c + 1, c + k + 1, device=u.device)  # target positions of the slots
-        g = self.head(u[None], self._positions(slots), mask[None], self._cache)[0]
+        g = self._forward(u, self._positions(slots), mask)
         self.forwards += 1
         self._root_g = g[-1]
         self._committed = c + k
@@ -150,12 +162,23 @@ class MSDDrafter:
         mask = self._tree.mask(c, len(tokens), dev)
         depths = depths.to(dev)
         u = self.head.fuse(tokens.to(dev)[None], parent_g[None])
-        g = self.head(u, self._positions(c + depths), mask[None], self._cache)[0]
+        g = self._forward(u[0], self._positions(c + depths), mask)
         self.forwards += 1
         self._node_g += list(g)
         return self.head.logits(g)
 
     # ------------------------------------------------------------------ helpers
+    def _forward(self, u: Tensor, positions: Tensor, mask: Tensor) -> Tensor:  # [Q, H] -> [Q, H]
+        """The head over Q new slots (mask # [Q, K]); records ``last_mass`` when asked."""
+        if not self.record_attention:
+            return self.head(u[None], positions, mask[None], self._cache)[0]
+        g, attn = self.head(u[None], positions, mask[None], self._cache, attentions=True)
+        image = torch.zeros(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+        n = min(len(self._image_slots), len(image))
+        image[:n] = self._image_slots[:n].to(image)
+        self.last_mass = (attn[0] @ image).clamp(0.0, 1.0).cpu()
+        return g[0]
+
     def _positions(self, slots: Tensor) -> Tensor:  # [Q] target positions -> head position ids
         if not self.mrope:
             return slots[None]  # [1, Q]

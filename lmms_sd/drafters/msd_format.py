@@ -56,10 +56,14 @@ Positions. Llama: 1-D RoPE over the expanded sequence (images count 576 position
 differences matter, so any constant offset is equivalent. Qwen2-VL: the head's M-RoPE gets 1-D
 ``arange`` positions copied to all three sections, both in training and at inference, and MSD
 verifies the target tree with 1-D positions too (``tree_decoding``: ``tree_position_ids +
-input_ids.shape[1]``, no rope delta), which differs from the target's true M-RoPE. Ours: the head
-defaults to the target's exact positions (``MSDConfig.positions="target"``); "sequential"
-reproduces the released training condition. Verification always uses the target adapter's true
-positions, so either choice is lossless. Note also that MSD's Qwen2-VL training data
+input_ids.shape[1]``, no rope delta), which differs from the target's true M-RoPE. A head runs
+with the scheme it was trained with: ``save_msd_head`` records ``MSDHead.positions`` in the
+config (``lmms_sd_positions``); a config without that key written by Hugging Face (it carries
+``transformers_version``, as MSD's published configs do) gets its publisher's scheme
+(``PUBLISHED_POSITIONS``: ``sequential`` for MSD-Qwen2VL), and one written by lmms_sd before the
+key existed (no ``transformers_version``) gets ``target``, which our trainer defaulted to.
+``MSDConfig.positions`` (model arg ``positions=``) overrides it. Verification always uses the
+target adapter's true positions, so either choice is lossless. Note also that MSD's Qwen2-VL training data
 (ge_data_all_qwen2vl.py) ran the target on ``input_ids`` alone, without ``pixel_values``: the
 features it learned from did not see the image.
 
@@ -81,7 +85,7 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .msd_head import MSDHead, layer_kind
+from .msd_head import POSITION_SCHEMES, MSDHead, layer_kind
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")  # the order EAGLE's loader tries
@@ -91,6 +95,8 @@ WRITTEN_MODEL_TYPE = {"llama": "llava", "qwen2_vl": "qwen2_vl"}
 WRITTEN_ARCHITECTURE = {"llama": "LlavaLlamaForCausalLM",
                         "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 EMBED_KEY = "embed_tokens.weight"
+POSITIONS_KEY = "lmms_sd_positions"
+PUBLISHED_POSITIONS = {"llama": "target", "qwen2_vl": "sequential"}  # MSD's cnets.py: 1-D arange
 EMBED_TOLERANCE = 1e-2  # relative to the largest |weight|: survives bf16/fp16 storage only
 
 
@@ -194,6 +200,19 @@ def head_config(ckpt: MSDCheckpoint, target_config: PretrainedConfig) -> Pretrai
     return type(target_config)(**fields)
 
 
+def checkpoint_positions(ckpt: MSDCheckpoint) -> str:
+    """The positions scheme the head was trained with (module docstring, "Positions")."""
+    recorded = ckpt.config.get(POSITIONS_KEY)
+    if recorded is not None:
+        if recorded not in POSITION_SCHEMES:
+            raise ValueError(f"{ckpt.source}: {POSITIONS_KEY} {recorded!r} is not one of "
+                             f"{POSITION_SCHEMES}")
+        return recorded
+    if "transformers_version" in ckpt.config:  # a published (Hugging Face-written) config
+        return PUBLISHED_POSITIONS[_checkpoint_kind(ckpt)]
+    return "target"
+
+
 def _check_embeddings(ckpt: MSDCheckpoint, target_embed: Tensor) -> None:  # target_embed: [V, H]
     stored = ckpt.state_dict[EMBED_KEY]
     rows = ckpt.config.get("vocab_size", target_embed.shape[0])
@@ -240,7 +259,7 @@ def build_head(ckpt: MSDCheckpoint, target: PreTrainedModel, *, check_embeddings
         _check_embeddings(ckpt, embed.weight.detach())
     head = MSDHead(head_config(ckpt, text_config), embed, lm_head,
                    fc_bias=bool(ckpt.config.get("bias", True)),
-                   vocab_limit=ckpt.config.get("vocab_size"))
+                   vocab_limit=ckpt.config.get("vocab_size"), positions=checkpoint_positions(ckpt))
     _check_keys(ckpt, head, weights)
     head.load_state_dict(weights, strict=True)
     return head.to(device=lm_head.weight.device, dtype=dtype or lm_head.weight.dtype).eval()
@@ -254,9 +273,11 @@ def load_msd_head(source: str | Path, target: PreTrainedModel, *, check_embeddin
                       dtype=dtype)
 
 
-def new_msd_head(target: PreTrainedModel, *, num_layers: int = 1, fc_bias: bool = True) -> MSDHead:
+def new_msd_head(target: PreTrainedModel, *, num_layers: int = 1, fc_bias: bool = True,
+                 positions: str = "target") -> MSDHead:
     """A freshly initialised head (PyTorch's default init, as EAGLE's) shaped like one layer of
-    ``target``'s language model and bound to its embed_tokens and lm_head: the start of training."""
+    ``target``'s language model and bound to its embed_tokens and lm_head: the start of training
+    under the ``positions`` scheme."""
     text_config = target.config.get_text_config()
     kind = "llava" if layer_kind(text_config) == "llama" else "qwen2_vl"
     shape = {k: getattr(text_config, k) for k in ("hidden_size", "intermediate_size",
@@ -265,7 +286,7 @@ def new_msd_head(target: PreTrainedModel, *, num_layers: int = 1, fc_bias: bool 
                          "a new head")
     lm_head = target.get_output_embeddings()
     head = MSDHead(head_config(ckpt, text_config), target.get_input_embeddings(), lm_head,
-                   fc_bias=fc_bias)
+                   fc_bias=fc_bias, positions=positions)
     return head.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
 
 
@@ -285,6 +306,7 @@ def eagle_config(head: MSDHead) -> dict[str, Any]:
         "pad_token_id": c.pad_token_id, "tie_word_embeddings": False,
         "rope_theta": rope.get("rope_theta"), "bias": head.fc.bias is not None,
         "torch_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
+        POSITIONS_KEY: head.positions,
     }
     if head.kind == "qwen2_vl":
         out["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}

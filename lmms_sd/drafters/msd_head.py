@@ -37,6 +37,10 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLRotaryEmbedding,
 )
 
+# how the head's rotary positions are counted (``msd.py``): the target's own (M-RoPE for
+# Qwen2-VL) or 1-D ``arange`` in every section (MSD's released Qwen2-VL head)
+POSITION_SCHEMES = ("target", "sequential")
+
 # language-model ``model_type`` -> the head's layer kind
 LAYER_KINDS = {"llama": "llama", "qwen2_vl": "qwen2_vl", "qwen2_vl_text": "qwen2_vl"}
 
@@ -74,11 +78,17 @@ class MSDHead(nn.Module):
     Qwen2VLTextConfig) describing the head: hidden size, heads, MLP width, rope parameters.
     ``vocab_limit``: token ids >= it get -inf draft logits (a head trained on a 32000-token
     vocabulary under llava-hf's padded 32064-token one never proposes the padding ids).
+    ``positions``: the scheme the head was trained with (``POSITION_SCHEMES``); the drafter
+    uses it unless told otherwise, and ``save_msd_head`` records it.
     """
 
     def __init__(self, config: PretrainedConfig, embed_tokens: nn.Embedding, lm_head: nn.Linear,
-                 *, fc_bias: bool = True, vocab_limit: int | None = None):
+                 *, fc_bias: bool = True, vocab_limit: int | None = None,
+                 positions: str = "target"):
         super().__init__()
+        if positions not in POSITION_SCHEMES:
+            raise ValueError(f"positions must be one of {POSITION_SCHEMES}, got {positions!r}")
+        self.positions = positions
         hidden = config.hidden_size
         if getattr(lm_head, "bias", None) is not None:
             raise ValueError("MSD heads assume a target lm_head without bias")
@@ -125,18 +135,35 @@ class MSDHead(nn.Module):
         return u
 
     def forward(self, inputs: Tensor, positions: Tensor, mask: Tensor,
-                cache: DynamicCache | None = None) -> Tensor:
+                cache: DynamicCache | None = None, *,
+                attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Run the layers over Q new slots, appending them to ``cache`` if given.
 
         inputs:    # [B, Q, H] slot inputs u
         positions: # [B, Q] long, or [3, B, Q] for M-RoPE (temporal, height, width)
         mask:      # [B, Q, K] bool, True where slot i may attend key j; K = cached + Q
-        returns    # [B, Q, H] g, the predicted target features
+        returns    # [B, Q, H] g, the predicted target features; with ``attentions`` also
+                   # [B, Q, K] the last layer's head-averaged attention (eager attention for
+                   # this call: SDPA does not return its weights)
         """
         additive = torch.zeros(mask.shape, dtype=inputs.dtype, device=inputs.device)
         additive = additive.masked_fill(~mask, torch.finfo(inputs.dtype).min)[:, None]
         rope = self.rotary(inputs, positions)
-        hidden = inputs
+        if not attentions:
+            return self._layers(inputs, additive, rope, cache)
+        seen: list[Tensor] = []
+        hook = self.layers[-1].self_attn.register_forward_hook(
+            lambda module, args, out: seen.append(out[1]))
+        impl, self.config._attn_implementation = self.config._attn_implementation, "eager"
+        try:
+            hidden = self._layers(inputs, additive, rope, cache)
+        finally:
+            self.config._attn_implementation = impl
+            hook.remove()
+        return hidden, seen[0].mean(dim=1)  # [B, heads, Q, K] -> [B, Q, K]
+
+    def _layers(self, hidden: Tensor, additive: Tensor, rope: tuple[Tensor, Tensor],
+                cache: DynamicCache | None) -> Tensor:
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=additive, past_key_values=cache,
                            use_cache=cache is not None, position_embeddings=rope)

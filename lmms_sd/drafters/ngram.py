@@ -5,10 +5,14 @@ path of the tree node being expanded) is chosen by:
   1. longest suffix match: the largest ``l`` (at most ``max_match``) such that the last ``l``
      tokens of ``s`` also occur earlier, ending at a position ``p < len(s) - 1``; propose
      ``s[p + 1]``. Among occurrences of that longest length the MOST RECENT one wins (largest
-     ``p``): recent text predicts the continuation better. Occurrences may overlap the suffix.
-     (The published code takes the earliest occurrence, searches the prompt before the output,
-     and copies up to k tokens at once; here the rule is applied token by token, so a chain
-     keeps copying while the match extends, and may jump to a longer match.)
+     ``p``; ``match="recent"``, the default): recent text predicts the continuation better.
+     ``match="earliest"`` takes the smallest ``p``, as the published ``mag.py`` does
+     (``torch_index`` returns the first match). Occurrences may overlap the suffix.
+     (The published code also searches the prompt before the output and copies up to k tokens
+     at once; here the rule is applied token by token, so a chain keeps copying while the match
+     extends, and may jump to a longer match.) How many tokens MaG proposes per call is the
+     cascade's choice: the published cascade always asks for ``MAG_GENERATION`` = 10
+     (``CascadeConfig.bottom_tokens``).
   2. no earlier occurrence of the last token: the bigram table's successor of the last token;
   3. no table entry (or no table): the table's ``fallback`` (the corpus' most frequent token);
      without a table, the most frequent token of ``s`` (ties: the smallest id);
@@ -29,20 +33,31 @@ from ..core.interfaces import PromptInputs, StepOutput
 from .bigram import BigramTable
 
 
+MAG_GENERATION = 10  # tokens the published cascade asks of its bottom draft (csd.py)
+MATCH_RULES = ("recent", "earliest")
+
+
 @dataclass(frozen=True)
 class MaGConfig:
-    """max_match: the longest suffix compared; longer matches count as ties of this length."""
+    """max_match: the longest suffix compared; longer matches count as ties of this length.
+    match: which occurrence of the longest match is copied: ``recent`` (ours) or ``earliest``
+    (the published MaG)."""
 
     max_match: int = 64
+    match: str = "recent"
 
     def __post_init__(self) -> None:
         if self.max_match < 1:
             raise ValueError(f"max_match must be >= 1, got {self.max_match}")
+        if self.match not in MATCH_RULES:
+            raise ValueError(f"MaG match must be one of {MATCH_RULES}, got {self.match!r}")
 
 
-def longest_suffix_match(seq: Tensor, max_match: int) -> tuple[int, int] | None:
+def longest_suffix_match(seq: Tensor, max_match: int, earliest: bool = False
+                         ) -> tuple[int, int] | None:
     """Rule 1 on ``seq`` # [n] long: (match length, index of the continuation token), or None
-    when the last token does not occur earlier."""
+    when the last token does not occur earlier. Ties of the longest length: the most recent
+    occurrence, or the earliest one with ``earliest``."""
     n = len(seq)
     if n < 2:
         return None
@@ -56,12 +71,13 @@ def longest_suffix_match(seq: Tensor, max_match: int) -> tuple[int, int] | None:
         if not bool(ok.any()):
             break
         ends, length = ends[ok], length + 1
-    return length, int(ends.max()) + 1
+    return length, int(ends.min() if earliest else ends.max()) + 1
 
 
-def mag_next_token(seq: Tensor, table: BigramTable | None, max_match: int = 64) -> int:
+def mag_next_token(seq: Tensor, table: BigramTable | None, max_match: int = 64,
+                   earliest: bool = False) -> int:
     """The MaG proposal after ``seq`` # [n] long (rules 1-4 of the module docstring)."""
-    match = longest_suffix_match(seq, max_match)
+    match = longest_suffix_match(seq, max_match, earliest)
     if match is not None:
         return int(seq[match[1]])
     if table is not None:
@@ -100,7 +116,8 @@ class MaGDrafter:
         seq = self._history
         if path:
             seq = torch.cat([seq, torch.tensor(path, dtype=torch.long)])
-        return mag_next_token(seq, self.table, self.cfg.max_match)
+        return mag_next_token(seq, self.table, self.cfg.max_match,
+                              self.cfg.match == "earliest")
 
     def root(self) -> Tensor:  # [V]
         self._paths = []

@@ -100,13 +100,15 @@ class _HeadArgs(CommonArgs):
     draft:            the head: a folder (or hub id) in the published EAGLE/MSD layout.
     msd_model_path:   the same, under the name the MSD code uses (give one of the two).
     positions:        ``target`` (the target's exact positions, M-RoPE included) or
-                      ``sequential`` (1-D positions, as MSD's Qwen2-VL head was trained).
+                      ``sequential`` (1-D positions, as MSD's Qwen2-VL head was trained);
+                      default: the scheme the head was trained with (its config's record, else
+                      its publisher's: ``sequential`` for a published MSD Qwen2-VL head).
     check_embeddings: compare the head's stored embedding with the target's.
     """
 
     draft: str | None = None
     msd_model_path: str | None = None
-    positions: str = "target"
+    positions: str | None = None
     check_embeddings: bool = True
 
     def __post_init__(self) -> None:
@@ -131,8 +133,9 @@ class MSDArgs(_HeadArgs):
 @dataclass(frozen=True)
 class MSDCalibratedArgs(_HeadArgs):
     """``*_msd_calibrated``: the MSD head under the Calibrated OPT-Tree. The tree is fixed; its
-    and the calibrator's settings go in ``cal.<key>=`` (``CalibratedSettings``: nodes,
-    max_depth, threshold, train_ratio, calibrator, label, ...). Head keys as ``_HeadArgs``."""
+    and the calibrator's settings go in ``cal.<key>=`` (``CalibratedSettings``: steering
+    (thesis | replace), nodes, top_k, max_depth, threshold, alpha, train_ratio, calibrator,
+    label, ...). Head keys as ``_HeadArgs``."""
 
 
 @dataclass(frozen=True)
@@ -141,15 +144,25 @@ class CascadeArgs(CommonArgs):
 
     drafts:    draft checkpoints from large to small, ``;``-separated; ``mag`` is the statistical
                bottom draft (longest suffix match, then a bigram table).
-    k_matrix:  the n x n quotas, rows ``;``-separated, entries space-separated (``"4 2;0 3"``).
-    lenience:  L >= 1 for the reviews inside the cascade (the target's review stays exact).
-    bigram:    a bigram table file for ``mag`` (``lmms_sd.drafters.bigram``).
+    k_matrix:  the n x n quotas, rows ``;``-separated, entries space-separated (``"4 2;0 3"``);
+               default: CS Drafting's published matrix for n drafts (``PUBLISHED_DEFAULTS``:
+               ``10`` for MaG alone, ``13 10;0 10`` for one draft + MaG, ...).
+    lenience:  L >= 1 for the reviews inside the cascade (the target's review stays exact);
+               default: the published value for n drafts (1, 3, 2 for n = 1, 2, 3).
+    bottom_tokens: tokens the bottom draft proposes per call; default: the missing quota;
+               ``10`` as the published cascade.
+    mag_match: ``recent`` (default) or ``earliest`` (the published MaG) occurrence of the
+               longest suffix match.
+    bigram:    a bigram table file for ``mag`` (``lmms_sd.drafters.bigram``), checked against
+               the target's tokenizer.
     tree:      default ``cascade`` (the cascade's own chain); any builder name also works.
     """
 
     drafts: tuple[str, ...] = ()
     k_matrix: str = ""
-    lenience: float = 1.0
+    lenience: float | None = None
+    bottom_tokens: int | None = None
+    mag_match: str = "recent"
     bigram: str | None = None
     tree: str = "cascade"
 

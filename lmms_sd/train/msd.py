@@ -259,7 +259,9 @@ def train_msd_head(head: MSDHead, target: PreTrainedModel, processor: Any, optim
     """Train ``head`` in place under ``target``, text-only batches first (``cfg.text_phase``);
     return the record. Shapes answers without ``data``. With an ``accelerator`` (``accelerate
     launch``) the head is prepared and ``state_dir`` holds the resumable state; without one the
-    shared loop runs as it always has."""
+    shared loop runs as it always has. The head is trained under ``cfg.positions``, which it
+    records (``MSDHead.positions``) for ``save_msd_head``."""
+    head.positions = cfg.positions
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     target.eval()

@@ -2,9 +2,12 @@
 
 name      settings (one frozen dataclass each)      what it drafts
 chain     ChainConfig(k)                             k tokens in a line
-static    StaticConfig(growmap, acceptance, ...)     a fixed Sequoia shape
-dynamic   DynamicConfig(depth, top_k, total_tokens)  EAGLE-2's best-first tree (MSD)
-opt       OptConfig(nodes, threshold, max_depth)     OPT-Tree with early stop
+static    StaticConfig(growmap, acceptance, budget,  a fixed Sequoia shape (or Sequoia's
+          depth | max_budget, max_depth)              root-counting max_budget, max_depth)
+dynamic   DynamicConfig(depth, top_k, total_tokens)  EAGLE-2's best-first tree (MSD; total_tokens
+                                                     counts the root)
+opt       OptConfig(nodes, threshold, max_depth,     OPT-Tree with early stop
+          top_k)
 cascade   CascadeTreeConfig()                        a CascadeDrafter's own chain (CS Drafting)
 
 Parameters may be strings (from a command line); they are converted to the type of the
@@ -63,7 +66,12 @@ def make_builder(name: str, **params: Any) -> TreeBuilder:
 
 
 def _convert(value: Any, kind: type, what: str) -> Any:
-    """``value`` as a ``kind`` (bool, int, float or str); strings are parsed."""
+    """``value`` as a ``kind`` (bool, int, float, str, or ``X | None``); strings are parsed."""
+    args = typing.get_args(kind)
+    if type(None) in args and len(args) == 2:  # X | None: "none" or an X
+        if value is None or str(value).strip().lower() in ("none", "null"):
+            return None
+        kind = next(a for a in args if a is not type(None))
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -5,8 +5,9 @@ keep the globally best nodes.
 2. ``depth`` times: one expand call on the frontier; each frontier node offers its top_k
    children as candidates, scored by cumulative log-probability; the top_k new candidates form
    the next frontier;
-3. the tree is the ``total_tokens`` best candidates by cumulative log-probability, in the order
-   they were created (which is topological).
+3. the tree is the ``total_tokens - 1`` best candidates by cumulative log-probability, in the
+   order they were created (which is topological). ``total_tokens`` counts the root, as in MSD's
+   and EAGLE-2's ``cnets.py`` (``self.total_tokens = total_tokens - 1``): 59 drafts 58 nodes.
 A child's cumulative score never exceeds its parent's, and ties go to the earlier candidate, so
 a kept node's parent is always kept. The deepest node is at depth ``depth + 1``. Children are
 chosen deterministically in both greedy and sampling mode (``sampled=False``).
@@ -25,7 +26,8 @@ from ..core.tree import DraftTree
 
 @dataclass(frozen=True)
 class DynamicConfig:
-    """Defaults are MSD's (and EAGLE-2's): depth 5, top_k 10, total_tokens 59."""
+    """Defaults are MSD's (and EAGLE-2's): depth 5, top_k 10, total_tokens 59 (the root
+    included: 58 draft nodes)."""
 
     depth: int = 5
     top_k: int = 10
@@ -35,6 +37,13 @@ class DynamicConfig:
         for name in ("depth", "top_k", "total_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"dynamic tree: {name} must be >= 1, got {getattr(self, name)}")
+        if self.total_tokens < 2:
+            raise ValueError(f"dynamic tree: total_tokens counts the root (MSD's convention), so "
+                             f"it must be >= 2 to draft anything, got {self.total_tokens}")
+
+    @property
+    def draft_nodes(self) -> int:
+        return self.total_tokens - 1
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class DynamicBuilder:
             scores.append(cum)
             frontier = first + best_first(cum)[:k]
         cand_par, cand_score = torch.cat(parents), torch.cat(scores)
-        kept, new_parents = keep_top(cand_par, cand_score, self.cfg.total_tokens)
+        kept, new_parents = keep_top(cand_par, cand_score, self.cfg.draft_nodes)
         return DraftTree(torch.cat(tokens)[kept], new_parents, scores=cand_score[kept].exp())
 
 

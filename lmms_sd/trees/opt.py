@@ -10,6 +10,11 @@ than ``threshold`` over the previous layer (the first layer is measured against 
 ``max_depth`` layers. The tree is those top ``nodes`` nodes, the last layer included (as in
 OPT-Tree's ``Tree.update``; it computes one more layer than it keeps, we do not).
 
+``top_k`` narrows the beam: each node offers its top ``top_k`` children and a layer keeps the
+global top ``top_k`` (EAGLE-2's beam, as the modality-aware thesis runs it: top_k 10, nodes 500,
+so the budget rarely binds); the tree is still the top ``nodes`` of all layers. Without it the
+beam is ``nodes`` wide (OPT-Tree).
+
 Score hook: by default a child's score is its draft probability, so a weight is the draft
 probability of the path. ``score_fn`` replaces it, e.g. with a calibrator that maps the draft
 probability (and features) to the probability that the target accepts the child. It receives a
@@ -33,17 +38,23 @@ from .dynamic import best_first, keep_top
 
 @dataclass(frozen=True)
 class OptConfig:
-    """nodes: tree size budget (and beam width); threshold: the least E[A] gain of a new layer;
-    max_depth: the most layers. Defaults are OPT-Tree's."""
+    """nodes: tree size budget (and beam width unless ``top_k``); threshold: the least E[A] gain
+    of a new layer; max_depth: the most layers; top_k: children per node and layer width
+    (None: ``nodes``). Defaults are OPT-Tree's."""
 
     nodes: int = 60
     threshold: float = 0.5
     max_depth: int = 10
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
-        if self.nodes < 1 or self.max_depth < 1:
-            raise ValueError(f"opt tree: nodes and max_depth must be >= 1, got "
-                             f"{self.nodes}, {self.max_depth}")
+        if self.nodes < 1 or self.max_depth < 1 or (self.top_k is not None and self.top_k < 1):
+            raise ValueError(f"opt tree: nodes, max_depth and top_k must be >= 1, got "
+                             f"{self.nodes}, {self.max_depth}, {self.top_k}")
+
+    @property
+    def width(self) -> int:
+        return self.nodes if self.top_k is None else min(self.top_k, self.nodes)
         if self.threshold < 0:
             raise ValueError(f"opt tree: threshold must be >= 0, got {self.threshold}")
 
@@ -82,7 +93,7 @@ class OptBuilder:
 
     def __call__(self, drafter: Drafter, sampling: SamplingConfig,
                  generator: torch.Generator | None = None) -> DraftTree:
-        n, score_fn = self.cfg.nodes, self.score_fn or draft_probability
+        n, k, score_fn = self.cfg.nodes, self.cfg.width, self.score_fn or draft_probability
         dists = logits_to_probs(drafter.root(), sampling)[None]  # [1, V]
         dev = dists.device
         # Every layer is expanded whole, in creation order, so a node's candidate id is also
@@ -97,13 +108,13 @@ class OptBuilder:
             if depth > 1:
                 logits = drafter.expand(torch.cat(tokens)[front], torch.cat(parents)[front])
                 dists = logits_to_probs(logits, sampling)  # [m, V]
-            probs, toks = dists.topk(min(n, dists.shape[-1]), dim=-1)  # [m, c]
+            probs, toks = dists.topk(min(k, dists.shape[-1]), dim=-1)  # [m, c]
             s = score_fn(ChildCandidates(probs, toks, dists, depth, front))
             if s.shape != probs.shape:
                 raise ValueError(f"score_fn returned shape {tuple(s.shape)}, expected "
                                  f"{tuple(probs.shape)}")
             w = (front_w[:, None] * s.to(front_w.dtype).clamp(0, 1)).flatten()  # [m * c]
-            pick = best_first(w)[:n]
+            pick = best_first(w)[:k]
             pick = pick[w[pick] > 0]
             if len(pick) == 0:
                 break

@@ -30,22 +30,45 @@ class StaticConfig:
     """growmap: path of a Sequoia growmap (.pt).
     acceptance: a measured acceptance vector, "p0,p1,..." (or "p0;p1;...") or a Sequoia .pt
         file. Without a growmap the shape is Sequoia's DP optimum for ``budget`` draft nodes
-        and depth ``max_depth``; with one, the vector only sets the node scores.
+        and ``depth`` draft levels; with one, the vector only sets the node scores.
+    max_budget, max_depth: the same under Sequoia's names and counting (``tree_search.py``,
+        ``demo-config.json``): the root is a node and a level, so Sequoia's ``max_budget=128,
+        max_depth=10`` is ``budget=127, depth=9``. Give one name of each pair.
     sample_children: in sampling mode, sample children (True) or take the top-b (False)."""
 
     growmap: str = ""
     acceptance: str = ""
-    budget: int = 32
-    max_depth: int = 8
+    budget: int | None = None
+    depth: int | None = None
+    max_budget: int | None = None
+    max_depth: int | None = None
     sample_children: bool = True
 
     def __post_init__(self) -> None:
         if not self.growmap and not self.acceptance:
             raise ValueError("static tree needs a shape: give growmap=<file.pt> or "
-                             "acceptance=<p0,p1,...|file.pt> (with budget and max_depth)")
-        if self.budget < 1 or self.max_depth < 1:
-            raise ValueError(f"static tree: budget and max_depth must be >= 1, got "
-                             f"{self.budget}, {self.max_depth}")
+                             "acceptance=<p0,p1,...|file.pt> (with budget and depth)")
+        for ours, sequoia in (("budget", "max_budget"), ("depth", "max_depth")):
+            if getattr(self, ours) is not None and getattr(self, sequoia) is not None:
+                raise ValueError(f"static tree: give {ours} (draft nodes only) or {sequoia} "
+                                 f"(Sequoia's, the root counted), not both")
+        if self.draft_budget < 1 or self.draft_depth < 1:
+            raise ValueError(f"static tree: budget and depth must be >= 1 (max_budget and "
+                             f"max_depth >= 2), got {self.draft_budget}, {self.draft_depth}")
+
+    @property
+    def draft_budget(self) -> int:
+        """Draft nodes, the root not counted (default 32)."""
+        if self.max_budget is not None:
+            return self.max_budget - 1
+        return 32 if self.budget is None else self.budget
+
+    @property
+    def draft_depth(self) -> int:
+        """Draft levels, the root not counted (default 8)."""
+        if self.max_depth is not None:
+            return self.max_depth - 1
+        return 8 if self.depth is None else self.depth
 
 
 @dataclass(frozen=True)
@@ -64,7 +87,7 @@ class StaticBuilder:
         if cfg.growmap:
             shape = load_growmap(cfg.growmap)
         else:
-            shape = sequoia_plan(acc, cfg.budget, cfg.max_depth).shape
+            shape = sequoia_plan(acc, cfg.draft_budget, cfg.draft_depth).shape
         return StaticBuilder(shape, acc, cfg.sample_children)
 
     def __call__(self, drafter: Drafter, sampling: SamplingConfig,
