@@ -4,13 +4,14 @@
     lmms-sd eval [...]        lmms-eval's CLI with lmms_sd's tasks on --include_path
     lmms-sd tasks-dir         print the directory of the shipped lmms-eval tasks
     lmms-sd bench [...]       the speed benchmark (python -m lmms_sd.bench.run)
+    lmms-sd report RUN_DIR... --out DIR   a leaderboard (Markdown, CSV, pictures) of lmms-eval runs
 """
 from __future__ import annotations
 
 import sys
 from typing import Sequence
 
-COMMANDS = ("demo", "eval", "tasks-dir", "bench")
+COMMANDS = ("demo", "eval", "tasks-dir", "bench", "report")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         bench(rest)
         return 0
+    if command == "report":
+        from .report import main as report
+
+        return report(rest)
     print(f"lmms-sd: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -154,6 +154,7 @@ class SpeculativeLMM(lmms):
         text, result = self._decode(prompt, cfg, self.drafter, observer)           # 4.
         extras = self.request_extras() if self.drafter is not None else {}
         record: Record = {"task": task, "doc_id": doc_id, "rank": self.rank,
+                          "device": str(self.device), "threads": torch.get_num_threads(),
                           "greedy": cfg.sampling.greedy, "stats": sample_stats(result),
                           **extras, "baseline": None, "text_match": None}
         if self.settings.baseline and extras.get("measured", True):                # 5.
