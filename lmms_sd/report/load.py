@@ -275,10 +275,10 @@ def _row(config: Config, runs: list[Run], task: str) -> Row:
 
 def _leaves(results: dict, task: str) -> set[str]:
     """The leaf tasks of ``task`` (itself, a group's subtasks recursively, or every task)."""
-    subtasks = results.get("group_subtasks", {})
+    subtasks = results.get("group_subtasks", {})  # leaf tasks map to []
     if task == ALL_TASKS:
-        return {t for t in results["results"] if t not in subtasks}
-    if task not in subtasks:
+        return {t for t in results["results"] if not subtasks.get(t)}
+    if not subtasks.get(task):
         return {task}
     return set().union(*(_leaves(results, t) for t in subtasks[task]))
 
@@ -325,7 +325,7 @@ def _mean_aggregated(results: dict, task: str, metric: str) -> bool:
     name = metric.split(" (")[0]
     cfg = results.get("configs", {}).get(task)
     if cfg is None:
-        return task in results.get("group_subtasks", {})
+        return bool(results.get("group_subtasks", {}).get(task))
     return any(m.get("metric") == name and m.get("aggregation") == "mean"
                for m in cfg.get("metric_list", []))
 
