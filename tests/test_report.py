@@ -122,7 +122,7 @@ def test_ranks_and_runs_of_one_configuration_pool_raw_counts(tmp_path: Path):
     mean_of_runs = (pooled(a)["speedup"] + pooled(b)["speedup"]) / 2
     assert abs(row.speed["speedup"] - mean_of_runs) > 0.01, "pooling must not average averages"
     assert row.metrics["content_acc"] == pytest.approx((0.5 * 6 + 0.75 * 8) / 14)
-    assert (row.samples, row.runs, row.date) == (14, 2, "2026-12-03 11:00")
+    assert (row.samples, row.runs, row.date) == (14, 2, "2026-12-03 03:00")  # UTC+8 -> UTC
     assert rows[1].speed["tau"] == pytest.approx(want["tau"]) and rows[1].metrics == {}
 
 

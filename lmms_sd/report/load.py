@@ -22,9 +22,10 @@ import importlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..lmms_eval.args import parse_model_args, split_model_args
 from ..lmms_eval.speed import Record, summarize
@@ -39,7 +40,7 @@ class ReportError(ValueError):
     """A run folder the report cannot read; the message names the file and the fix."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Config:
     """What a leaderboard compares: the model class and what it was given."""
 
@@ -98,7 +99,8 @@ class Row:
 # ---------------------------------------------------------------------------- discovery
 
 def find_results(paths: Sequence[Path]) -> list[Path]:
-    """Every ``*_results.json`` under ``paths`` (files or folders, any depth)."""
+    """Every ``*_results.json`` under ``paths`` (files or folders, any depth), in the order of
+    ``paths`` (sorted inside a folder)."""
     found: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -108,7 +110,7 @@ def find_results(paths: Sequence[Path]) -> list[Path]:
             raise ReportError(f"{p}: no lmms-eval results (*_results.json) at any depth; pass "
                               f"the --output_path of a finished lmms-eval run")
         found.extend(hits)
-    return sorted(set(found))
+    return list(dict.fromkeys(found))
 
 
 def load_runs(paths: Sequence[Path]) -> list[Run]:
@@ -153,21 +155,25 @@ def load_run(path: Path) -> Run:
     args_text = cfg.get("model_args") or ""
     if not isinstance(args_text, str):  # the Python API also takes a dict
         args_text = ",".join(f"{k}={v}" for k, v in args_text.items())
-    date = _date(str(results.get("date", "")))
+    date = _date(results)
     if not backend.startswith(OUR_BACKEND):
         config = Config(str(cfg.get("model", "?")), str(results.get("model_name", "")), "", "",
                         _lenient_args(args_text).get("dtype", ""))
         return Run(path, results, config, None, str(cfg.get("device") or ""), date)
-    settings, groups = parse_model_args(_our_class(backend).Args, split_model_args(args_text),
-                                        _our_class(backend).GROUPS)
-    records = read_jsonl(speed_path(path, results, settings.stats_path))
+    cls = _our_class(backend)
+    try:
+        settings, groups = parse_model_args(cls.Args, split_model_args(args_text), cls.GROUPS)
+    except ValueError as e:
+        raise ReportError(f"{path}: its model_args do not fit this lmms_sd's {cls.__name__} "
+                          f"({e}); report it with the lmms_sd version that ran it") from None
+    records = read_jsonl(speed_path(path, settings.stats_path))
     _check_against_throughput(path, results, records)
     config = Config(str(cfg["model"]), settings.pretrained, _drafter(settings, groups),
                     _tree(settings, groups), settings.dtype)
     return Run(path, results, config, records, _device(records, settings.device), date)
 
 
-def speed_path(results_path: Path, results: dict, stats_path: str | None) -> Path:
+def speed_path(results_path: Path, stats_path: str | None) -> Path:
     """``stats_path=`` if the run set it, else ``<date>_speed.jsonl`` beside the results."""
     if stats_path:
         return Path(stats_path)
@@ -193,7 +199,10 @@ def _check_against_throughput(path: Path, results: dict, records: list[Record]) 
 
 def _our_class(backend: str) -> type:
     module, name = backend.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
+    cls = getattr(importlib.import_module(module), name, None)
+    if cls is None:
+        raise ReportError(f"{backend}: no such lmms_sd model class in this version")
+    return cls
 
 
 def _lenient_args(text: str) -> dict[str, str]:
@@ -227,31 +236,34 @@ def _tree(settings: Any, groups: dict[str, dict[str, object]]) -> str:
 
 
 def _device(records: list[Record], requested: str | None) -> str:
-    """The device the records name (with the thread count), else the one requested."""
+    """The device the records name (``cpu x2``: with 2 threads), else the one requested."""
     seen = sorted({f"{r['device']} x{r['threads']}" if "threads" in r else r["device"]
                    for r in records if "device" in r})
     return ", ".join(seen) or requested or ""
 
 
-def _date(text: str) -> str:
-    """lmms-eval's ``20261203_142318`` -> ``2026-12-03 14:23``."""
+def _date(results: dict) -> str:
+    """lmms-eval's ``date`` (``20261203_222318``, local time of its ``--timezone``, by default
+    Asia/Singapore in the CLI and in ``simple_evaluate``) in UTC: ``2026-12-03 14:23``."""
+    text = str(results.get("date", ""))
+    tz = results["config"].get("resolved_cli_args", {}).get("timezone") or "Asia/Singapore"
     try:
-        return datetime.strptime(text, "%Y%m%d_%H%M%S").strftime("%Y-%m-%d %H:%M")
-    except ValueError:
+        local = datetime.strptime(text, "%Y%m%d_%H%M%S").replace(tzinfo=ZoneInfo(tz))
+    except (ValueError, ZoneInfoNotFoundError):
         return text
+    return local.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
 # ---------------------------------------------------------------------------- pooling
 
 def leaderboard(runs: Sequence[Run]) -> list[Row]:
     """One row per (configuration, task) and one ``ALL_TASKS`` row per configuration, with every
-    run of a configuration pooled."""
+    run of a configuration pooled; configurations in the order of their first run."""
     by_config: dict[Config, list[Run]] = defaultdict(list)
     for run in runs:
         by_config[run.config].append(run)
     rows: list[Row] = []
-    for config in sorted(by_config):
-        group = by_config[config]
+    for config, group in by_config.items():
         tasks = sorted({t for run in group for t in run.results["results"]})
         rows.extend(_row(config, group, t) for t in tasks)
         rows.append(_row(config, group, ALL_TASKS))

@@ -32,12 +32,13 @@ def suspect_configs(rows: Sequence[Row]) -> set:
             and r.mismatches.suspect}
 
 
-def records(rows: Sequence[Row], short: bool) -> tuple[list[str], list[list[Any]]]:
-    """The header and one list of cells per row (``short``: rounded, paths shortened)."""
+def table(rows: Sequence[Row], short: bool) -> tuple[list[str], list[list[Any]]]:
+    """The header and one list of cells per row (``short``: rounded, paths shortened, ``-`` for
+    an empty cell, ``!`` before the model of a suspect configuration)."""
     metrics = metric_names(rows)
     header = ["model", "target", "drafter", "tree", "dtype", "task", *metrics,
               *(title for _, title in SPEED_COLUMNS), "mismatches (tie/real)", "samples",
-              "runs", "device", "date"]
+              "runs", "device", "date (UTC)"]
     if not short:
         header += list(CSV_EXTRA)
     marked = suspect_configs(rows)
@@ -46,18 +47,17 @@ def records(rows: Sequence[Row], short: bool) -> tuple[list[str], list[list[Any]
         c = row.config
         mark = f"{MARK} " if short and c in marked else ""
         line = [mark + c.model, *(_short(p) if short else p for p in (c.target, c.drafter)),
-                c.tree, c.dtype, row.task,
-                *(_num(row.metrics.get(m), short) for m in metrics),
+                c.tree, c.dtype, row.task, *(_num(row.metrics.get(m), short) for m in metrics),
                 *(_num(row.speed.get(key), short) for key, _ in SPEED_COLUMNS),
                 _mismatches(row.mismatches), row.samples, row.runs, row.device, row.date]
         if not short:
             line += [_num(row.speed.get(key), False) for key in CSV_EXTRA]
-        cells.append(line)
+        cells.append([v if v != "" or not short else "-" for v in line])
     return header, cells
 
 
 def to_markdown(rows: Sequence[Row]) -> str:
-    header, cells = records(rows, short=True)
+    header, cells = table(rows, short=True)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in line) + " |" for line in cells]
     if suspect_configs(rows):
@@ -66,7 +66,7 @@ def to_markdown(rows: Sequence[Row]) -> str:
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
-    header, cells = records(rows, short=False)
+    header, cells = table(rows, short=False)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -75,13 +75,13 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
 
 def _num(v: float | None, short: bool) -> str | float:
     if v is None:
-        return "" if not short else "-"
+        return ""
     return f"{v:.3g}" if short and isinstance(v, float) else v
 
 
 def _mismatches(m: Mismatches | None) -> str:
     if m is None:
-        return "-"
+        return ""
     if m.tie is None:
         return str(m.total)
     return f"{m.tie}/{m.real}"
@@ -90,6 +90,4 @@ def _mismatches(m: Mismatches | None) -> str:
 def _short(text: str) -> str:
     """The last two parts of each path in ``text`` (``.../shapes/llava/target`` ->
     ``llava/target``)."""
-    if not text:
-        return "-"
     return re.sub(r"\S*/\S*", lambda m: "/".join(Path(m.group()).parts[-2:]), text)
