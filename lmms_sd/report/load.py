@@ -226,7 +226,8 @@ def _tree(settings: Any, groups: dict[str, dict[str, object]]) -> str:
     if not settings.sd:
         return ""
     if "cal" in groups:
-        name, params = "calibrated_opt", {k: v for k, v in groups["cal"].items() if k != "calibrator"}
+        name = "calibrated_opt"
+        params = {k: v for k, v in groups["cal"].items() if k != "calibrator"}
     else:
         name, params = settings.tree, dict(groups.get("tree", {}))
     if name == "cascade":
@@ -282,7 +283,7 @@ def _row(config: Config, runs: list[Run], task: str) -> Row:
     return Row(config, task, metrics, speed, mismatch_counts(records) if records else None,
                samples, len(present), ", ".join(sorted({r.device for r in present} - {""})),
                max(r.date for r in present),
-               [n for r in records for n in r["stats"]["accepted_per_step"]])
+               [n for r in records for n in r["stats"].get("accepted_per_step", [])])
 
 
 def _leaves(results: dict, task: str) -> set[str]:

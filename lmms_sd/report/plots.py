@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -43,7 +44,7 @@ def plot_accuracy_vs_speedup(rows: Sequence[Row], labels: dict[Config, str], pat
     tasks = sorted({r.task for r in points})
     if not tasks:
         return _empty(path, "no task has both a metric and a speedup (baseline=true)")
-    fig = _figure(len(tasks), 4.2, 3.6)
+    fig = _figure(len(tasks), max(4.2, 6.0 / len(tasks)), 3.6)
     for ax, task in zip(fig.subplots(1, len(tasks), squeeze=False)[0], tasks):
         for r in (r for r in points if r.task == task):
             metric, value = next((m, v) for m, v in r.metrics.items() if v is not None)
@@ -51,7 +52,7 @@ def plot_accuracy_vs_speedup(rows: Sequence[Row], labels: dict[Config, str], pat
             ax.set_ylabel(metric)
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
         ax.set(title=task, xlabel="speedup over autoregressive")
-    fig.axes[0].legend(fontsize=7)
+    _legend_below(fig.axes[0])
     return _save(fig, path)
 
 
@@ -70,7 +71,7 @@ def plot_tau(rows: Sequence[Row], labels: dict[Config, str], path: Path) -> Path
                label=labels[c])
     ax.set(xticks=x, xticklabels=tasks, ylabel="tau (tokens per target step)",
            title="tau per task")
-    ax.legend(fontsize=7)
+    _legend_below(ax)
     return _save(fig, path)
 
 
@@ -88,9 +89,13 @@ def _figure(panels: int, width: float, height: float) -> Figure:
     return fig
 
 
+def _legend_below(ax: Axes) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.25), frameon=False)
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the legend below the axes
     return path
 
 
