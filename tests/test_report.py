@@ -189,6 +189,13 @@ def test_missing_or_foreign_speed_jsonl_is_an_error(tmp_path: Path):
         load_runs([tmp_path / "a"])
 
 
+def test_model_args_of_another_lmms_sd_version_are_an_error(tmp_path: Path):
+    write_run(tmp_path / "a", records("shapes_qa", range(2), 0, 1), {"shapes_qa": 1.0},
+              {"shapes_qa": 2}, ARGS + ",draft_temperature=0.5", "20261203_100000")
+    with pytest.raises(ReportError, match="do not fit.*'draft_temperature'"):
+        load_runs([tmp_path / "a"])
+
+
 # ---------------------------------------------------------------------------- the real CLI
 
 @pytest.fixture(scope="session")
