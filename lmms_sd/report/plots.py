@@ -20,14 +20,14 @@ from matplotlib.figure import Figure
 
 from ..bench.plots import plot_accept_length_hist
 from .load import ALL_TASKS, Config, Row
-from .table import _short
+from .table import short_paths
 
 
 def config_labels(configs: Sequence[Config]) -> dict[Config, str]:
     """Short names made of the fields in which the configurations differ."""
     varying = [f.name for f in fields(Config) if len({getattr(c, f.name) for c in configs}) > 1]
     names = varying or ["model", "tree"]
-    return {c: " ".join(_short(str(getattr(c, n))) if n in ("target", "drafter")
+    return {c: " ".join(short_paths(str(getattr(c, n))) if n in ("target", "drafter")
                         else str(getattr(c, n) or "-") for n in names) for c in configs}
 
 
@@ -44,11 +44,12 @@ def plot_accuracy_vs_speedup(rows: Sequence[Row], labels: dict[Config, str], pat
     tasks = sorted({r.task for r in points})
     if not tasks:
         return _empty(path, "no task has both a metric and a speedup (baseline=true)")
+    colour = {c: f"C{i % 10}" for i, c in enumerate(labels)}
     fig = _figure(len(tasks), max(4.2, 6.0 / len(tasks)), 3.6)
     for ax, task in zip(fig.subplots(1, len(tasks), squeeze=False)[0], tasks):
         for r in (r for r in points if r.task == task):
             metric, value = next((m, v) for m, v in r.metrics.items() if v is not None)
-            ax.scatter(r.speed["speedup"], value, label=labels[r.config])
+            ax.scatter(r.speed["speedup"], value, label=labels[r.config], color=colour[r.config])
             ax.set_ylabel(metric)
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
         ax.set(title=task, xlabel="speedup over autoregressive")

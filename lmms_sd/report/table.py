@@ -46,7 +46,7 @@ def table(rows: Sequence[Row], short: bool) -> tuple[list[str], list[list[Any]]]
     for row in rows:
         c = row.config
         mark = f"{MARK} " if short and c in marked else ""
-        line = [mark + c.model, *(_short(p) if short else p for p in (c.target, c.drafter)),
+        line = [mark + c.model, *(short_paths(p) if short else p for p in (c.target, c.drafter)),
                 c.tree, c.dtype, row.task, *(_num(row.metrics.get(m), short) for m in metrics),
                 *(_num(row.speed.get(key), short) for key, _ in SPEED_COLUMNS),
                 _mismatches(row.mismatches), row.samples, row.runs, row.device, row.date]
@@ -87,7 +87,7 @@ def _mismatches(m: Mismatches | None) -> str:
     return f"{m.tie}/{m.real}"
 
 
-def _short(text: str) -> str:
+def short_paths(text: str) -> str:
     """The last two parts of each path in ``text`` (``.../shapes/llava/target`` ->
     ``llava/target``)."""
     return re.sub(r"\S*/\S*", lambda m: "/".join(Path(m.group()).parts[-2:]), text)
