@@ -72,7 +72,8 @@ def command(model: str, tasks: str, limit: int | None, out: Path, processes: int
 
 
 # The shipped drafters side by side: (folder, model, model_args beyond pretrained and baseline);
-# {role} is a shipped model of the family, {calibrator} its MSD head's calibrator.
+# {role} is a shipped model of the family, {calibrator} its MSD head's calibrator. The cascade's
+# k_matrix and lenience are the best of ``python -m lmms_sd.bench.cascade --sweep`` (README).
 COMPARE = (
     ("draft_vlm", "sd", "draft={draft_vlm},tree=chain,tree.k=4"),
     ("text_only", "sd", "draft={text_only},tree=chain,tree.k=4"),
@@ -81,8 +82,6 @@ COMPARE = (
                            "lenience=2"),
     ("calibrated", "msd_calibrated", "draft={msd_head},cal.calibrator={calibrator}"),
 )
-
-
 COMPARE_LIMIT = 16
 
 
