@@ -6,13 +6,14 @@
     lmms-sd bench [...]       the speed benchmark (python -m lmms_sd.bench.run)
     lmms-sd generate [...]    one answer about your own images, with its statistics
                               (lmms_sd.cli_generate; --help for its options)
+    lmms-sd report RUN_DIR... --out DIR   a leaderboard (Markdown, CSV, pictures) of lmms-eval runs
 """
 from __future__ import annotations
 
 import sys
 from typing import Sequence
 
-COMMANDS = ("demo", "eval", "tasks-dir", "bench", "generate")
+COMMANDS = ("demo", "eval", "tasks-dir", "bench", "generate", "report")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .cli_generate import main as generate
 
         return generate(rest)
+    if command == "report":
+        from .report import main as report
+
+        return report(rest)
     print(f"lmms-sd: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -4,11 +4,16 @@
     python -m lmms_sd.demo --model llava_sd --limit 16 --tasks shapes
     python -m lmms_sd.demo --model-args tree=dynamic   # MSD's published tree (depth 5, top-k 10, 59 nodes)
     python -m lmms_sd.demo --model llava_msd_calibrated  # the head under the shipped calibrator
+    python -m lmms_sd.demo --compare            # every shipped drafter, then their leaderboard
 
 It launches the real harness (``accelerate launch -m lmms_eval`` through
 ``python -m accelerate.commands.launch``, which works without torchvision), with
 ``baseline=true`` so the same process also decodes every request autoregressively, then reads
 the results JSON and prints accuracy and speed side by side.
+
+``--compare`` runs the shipped drafters of one family (``COMPARE``) one after another in a
+single lmms-eval process (its ``--config`` file lists the runs), each into its own folder under
+``--out/<time>/``, and prints ``lmms-sd report`` of them (written to ``--out/<time>/report``).
 
 The demo's tree is a chain of 4 (``tree=chain,tree.k=4``): on a CPU a tiny draft's forward costs
 almost as much as the tiny target's, so wide trees (MSD's default 59 nodes) accept more tokens
@@ -21,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -59,15 +65,67 @@ def command(model: str, tasks: str, limit: int | None, out: Path, processes: int
             f"draft={shipped_model(family, DRAFT_ROLE[model])},baseline=true")
     if extra_args:
         args += "," + extra_args
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
-              str(processes), "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    if processes > 1:
-        launch.append("--multi_gpu")
-    cmd = launch + ["-m", "lmms_eval", "--model", model, "--model_args", args,
+    cmd = launcher(processes) + ["-m", "lmms_eval", "--model", model, "--model_args", args,
                     "--tasks", tasks, "--include_path", str(tasks_dir()),
                     "--batch_size", "1", "--output_path", str(out), "--verbosity", "WARNING"]
     return cmd + (["--limit", str(limit)] if limit else [])
+
+
+# The shipped drafters side by side: (folder, model, model_args beyond pretrained and baseline);
+# {role} is a shipped model of the family, {calibrator} its MSD head's calibrator. The cascade's
+# k_matrix and lenience are the best of ``python -m lmms_sd.bench.cascade --sweep`` (README).
+COMPARE = (
+    ("draft_vlm", "sd", "draft={draft_vlm},tree=chain,tree.k=4"),
+    ("text_only", "sd", "draft={text_only},tree=chain,tree.k=4"),
+    ("msd_head", "msd", "draft={msd_head},tree=chain,tree.k=4"),
+    ("cascade", "cascade", "drafts={draft_vlm};{text_only};mag,k_matrix=4 1 1;0 4 2;0 0 2,"
+                           "lenience=2"),
+    ("calibrated", "msd_calibrated", "draft={msd_head},cal.calibrator={calibrator}"),
+)
+COMPARE_LIMIT = 16
+
+
+def compare_config(family: str, tasks: str, limit: int | None, out: Path) -> list[dict]:
+    """lmms-eval ``--config`` entries: one run per ``COMPARE`` drafter, each into ``out/<name>``."""
+    from .assets import shipped_calibrator, shipped_model
+
+    paths = {role: shipped_model(family, role) for role in ("draft_vlm", "text_only", "msd_head")}
+    runs = []
+    for name, method, extra in COMPARE:
+        args = (f"pretrained={shipped_model(family, 'target')},baseline=true,"
+                + extra.format(**paths, calibrator=shipped_calibrator(family)))
+        runs.append({"model": f"{family}_{method}", "model_args": args, "tasks": tasks,
+                     "include_path": str(tasks_dir()), "batch_size": "1",
+                     "output_path": str(out / name), "verbosity": "WARNING",
+                     **({"limit": limit} if limit else {})})
+    return runs
+
+
+def compare(family: str, tasks: str, limit: int | None, out: Path, processes: int,
+            env: dict[str, str]) -> int:
+    """Run every ``COMPARE`` drafter in one lmms-eval process and print their leaderboard."""
+    import yaml
+
+    from .report import main as report
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "compare.yaml"
+    config.write_text(yaml.safe_dump(compare_config(family, tasks, limit, out)))
+    cmd = launcher(processes) + ["-m", "lmms_eval", "--config", str(config),
+                                 "--verbosity", "WARNING"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+    print(f"\nthe shipped {family} drafters on {tasks} ({limit or 'all'} documents), each against "
+          f"autoregressive decoding of the same requests in the same process:\n", flush=True)
+    return report([str(out / name) for name, _, _ in COMPARE] + ["--out", str(out / "report")])
+
+
+def launcher(processes: int) -> list[str]:
+    """``accelerate launch`` without its console script (which needs torchvision)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+              str(processes), "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    return launch + (["--multi_gpu"] if processes > 1 else [])
 
 
 def newest_results(out: Path) -> dict:
@@ -105,19 +163,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llava_msd", choices=sorted(DRAFT_ROLE))
     ap.add_argument("--tasks", default="shapes_caption")
-    ap.add_argument("--limit", type=int, default=0, help="documents per task (0: all)")
+    ap.add_argument("--limit", type=int, default=None, help="documents per task (0: all; "
+                    f"default: all, {COMPARE_LIMIT} with --compare)")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--model-args", default=None, help="extra model_args (default: "
                     "tree=chain,tree.k=4; cal.calibrator=<shipped> for the calibrated classes)")
     ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--compare", action="store_true", help="run every shipped drafter of "
+                    "--family (COMPARE) and print their leaderboard; ignores --model, --model-args")
+    ap.add_argument("--family", default="llava", choices=("llava", "qwen2_vl"))
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if args.model_args is None:
-        args.model_args = default_model_args(args.model)
-    cmd = command(args.model, args.tasks, args.limit or None, out, args.processes, args.model_args)
     env = {**os.environ, **OFFLINE}
     if args.processes > 1:
         env.setdefault("ACCELERATE_USE_CPU", "true")
+    if args.compare:
+        limit = COMPARE_LIMIT if args.limit is None else args.limit or None
+        return compare(args.family, args.tasks, limit, out / time.strftime("%Y%m%d_%H%M%S"),
+                       args.processes, env)
+    if args.model_args is None:
+        args.model_args = default_model_args(args.model)
+    cmd = command(args.model, args.tasks, args.limit or None, out, args.processes, args.model_args)
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)
     print(f"\n{args.model} ({args.model_args}) on {args.tasks} ({args.limit or 'all'} documents); "

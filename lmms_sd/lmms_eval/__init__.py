@@ -23,7 +23,8 @@ Multi-process: ``accelerate launch --num_processes N -m lmms_eval ...`` (on CPU:
 
 Outputs: accuracy in the usual results JSON; speed in its ``throughput`` section
 (``avg_tau``, ``avg_speedup``, ``avg_<task>/tau``, ...; see ``speed.py``) and per sample in
-``<output_path>/<model>/<date>_speed.jsonl`` beside the results.
+``<output_path>/<model>/<date>_speed.jsonl`` beside the results. ``lmms-sd report OUT...``
+(``lmms_sd.report``) turns several runs into one leaderboard.
 """
 from __future__ import annotations
 

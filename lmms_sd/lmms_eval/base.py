@@ -113,6 +113,7 @@ class SpeculativeLMM(lmms):
         cfg = self.decoder.config(gen_kwargs, seed=self.settings.seed + doc_id)      # 3.
         out = self.decoder.run(prompt, cfg, task, self.settings.baseline)           # 4., 5.
         record: Record = {"task": task, "doc_id": doc_id, "rank": self.rank,
+                          "device": str(self.device), "threads": torch.get_num_threads(),
                           "greedy": out.greedy, "stats": sample_stats(out.result),
                           **out.extras, "text_match": out.greedy_match,
                           "baseline": None if out.baseline is None else sample_stats(out.baseline)}

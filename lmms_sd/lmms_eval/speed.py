@@ -2,6 +2,7 @@
 
 A *record* is a JSON-friendly dict per decoded request (padding duplicates excluded):
   task, doc_id, rank, greedy     where it came from and whether decoding was greedy
+  device, threads                the process's torch device and CPU thread count
   stats                          ``GenerationStats.to_dict()`` + ``drafted`` + ``accepted`` +
                                  ``tokens`` (the emitted ids); the trajectory is ``origin``
                                  ("d" draft / "t" target per token) and the per-step lists
