@@ -274,14 +274,16 @@ ASPECT_RATIOS = ("original", "pad")
 
 
 def generation_config(gen_kwargs: Mapping[str, object], *, default_max_new_tokens: int,
-                      eos_token_ids: tuple[int, ...], seed: int | None) -> GenerationConfig:
+                      eos_token_ids: tuple[int, ...], seed: int | None,
+                      max_length: int | None = None) -> GenerationConfig:
     """Map a request's lmms-eval ``gen_kwargs`` onto the core's ``GenerationConfig``, reading
     them as ``transformers``' ``generate`` does (table in the README, "lmms-eval tasks: what
     decodes"): greedy unless sampling is asked for, and then temperature, top_p and top_k are
     neither used nor validated; ``do_sample`` true with temperature 0 is an error, as it is in
     transformers. Without ``do_sample``, temperature > 0 samples (lmms-eval's own rule).
     Keys in ``_IGNORED`` are accepted; unknown keys and ``_UNSUPPORTED`` settings at a
-    non-neutral value are errors naming the key."""
+    non-neutral value are errors naming the key. ``max_length``: the target's max positions
+    (the core clips max_new_tokens to the room they leave after the prompt)."""
     g = {k: v for k, v in gen_kwargs.items() if v is not None}
     _check_keys(g)
     max_new = g.get("max_new_tokens")
@@ -292,6 +294,7 @@ def generation_config(gen_kwargs: Mapping[str, object], *, default_max_new_token
         stop_strings=stop_strings(g.get("until")),
         sampling=_sampling(g),
         seed=seed,
+        max_length=max_length,
     )
 
 

@@ -82,6 +82,7 @@ class SpeculativeLMM(lmms):
                              f"{self.settings.pretrained} is a {self.target.family} checkpoint")
         self.drafter: Drafter | None = None
         self.builder: TreeBuilder | None = None
+        self._clipped_tasks: set[str] = set()
         if self.settings.sd:
             self.drafter, self.builder = self.make_decoder()
 
@@ -149,7 +150,9 @@ class SpeculativeLMM(lmms):
         prompt = self.target.prepare(inputs.prompt, inputs.images)                  # 2.
         cfg = generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
                                 eos_token_ids=self.target.eos_token_ids,
-                                seed=self.settings.seed + doc_id)                    # 3.
+                                seed=self.settings.seed + doc_id,
+                                max_length=self.target.max_positions)                 # 3.
+        self._check_length(task, doc_id, cfg, len(prompt.input_ids))
         observer = self.start_request(task, cfg) if self.drafter is not None else None
         text, result = self._decode(prompt, cfg, self.drafter, observer)           # 4.
         extras = self.request_extras() if self.drafter is not None else {}
@@ -167,6 +170,21 @@ class SpeculativeLMM(lmms):
         counts = TokenCounts(input_tokens=len(prompt.input_ids), output_tokens=len(result.tokens))
         self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), text)
         return text, record, counts                                                 # 6.
+
+    def _check_length(self, task: str, doc_id: int, cfg: GenerationConfig, prompt_len: int
+                      ) -> None:
+        """An overlong prompt fails before decoding; a budget past the target's positions is
+        clipped by the core (both decodes alike), with one warning per task."""
+        try:
+            budget = cfg.budget(prompt_len)
+        except ValueError as e:
+            raise ValueError(f"{task} doc {doc_id}: {e}") from None
+        if budget < cfg.max_new_tokens and task not in self._clipped_tasks:
+            self._clipped_tasks.add(task)
+            eval_logger.warning(f"{task}: max_new_tokens={cfg.max_new_tokens} does not fit in the "
+                                f"target's {cfg.max_length} positions; requests stop at the limit "
+                                f"(doc {doc_id}: {budget} new tokens after {prompt_len}); "
+                                f"warned once per task")
 
     def _decode(self, prompt: PromptInputs, cfg: GenerationConfig, drafter: Drafter | None,
                 observer: StepObserver | None = None) -> tuple[str, CoreResult]:
