@@ -79,7 +79,9 @@ class HFAdapter:
 
     # ------------------------------------------------------------------ family hooks
     def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
-                chat: bool = True) -> PromptInputs:
+                chat: bool = True, image_aspect_ratio: str = "original") -> PromptInputs:
+        """image_aspect_ratio: ``original`` (the processor as is) or ``pad`` (LLaVA's
+        pad-to-square; what it means for each family is in its adapter's docstring)."""
         raise NotImplementedError
 
     def _prefill_embeds(self, prompt: PromptInputs) -> Tensor:  # -> [T, H]

@@ -50,6 +50,8 @@ class CommonArgs:
     stats_path:      per-sample JSONL of speed statistics; default: beside lmms-eval's results.
     batch_size:      must be 1 (speculative decoding here is per request).
     max_batch_size:  accepted from the lmms-eval CLI and unused.
+    image_aspect_ratio: ``pad`` (LLaVA-1.5's pad-to-square) or ``original``; wins over a task's
+                     gen_kwargs; default: the task's, else ``original``. A no-op for Qwen2-VL.
     """
 
     pretrained: str
@@ -63,6 +65,7 @@ class CommonArgs:
     stats_path: str | None = None
     batch_size: int = 1
     max_batch_size: int | None = None
+    image_aspect_ratio: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size != 1:
@@ -75,6 +78,8 @@ class CommonArgs:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.image_aspect_ratio is not None:
+            image_aspect_ratio({}, self.image_aspect_ratio)
 
 
 @dataclass(frozen=True)

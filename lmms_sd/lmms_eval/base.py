@@ -4,8 +4,10 @@ One request, in order:
   1. inputs    simple requests: ``(ctx, gen_kwargs, doc_to_visual, doc_id, task, split)``;
                chat requests: ``(ctx, doc_to_messages, gen_kwargs, doc_id, task, split)``
   2. prompt    the target adapter's ``prepare`` applies the chat template and the processor
-  3. settings  ``gen_kwargs`` -> ``GenerationConfig`` (max_new_tokens, temperature, top_p, top_k,
-               do_sample, until; num_beams > 1 is an error)
+               (``image_aspect_ratio`` from the model args, else from ``gen_kwargs``)
+  3. settings  ``gen_kwargs`` -> ``GenerationConfig`` read as transformers reads them
+               (``args.generation_config``); max_new_tokens is clipped to the room the target's
+               max positions leave (one warning per task), an overlong prompt is an error
   4. decode    the core loop with the method's drafter and tree builder (none with ``sd=off``)
   5. baseline  with ``baseline=true`` the same prompt again, autoregressively
   6. record    per-request statistics; after the last request every rank gathers them and
@@ -33,7 +35,8 @@ from ..core.generate import GenerationConfig, StepObserver, generate
 from ..core.generate import GenerationResult as CoreResult
 from ..core.interfaces import Drafter, PromptInputs
 from ..trees import TreeBuilder, make_builder
-from .args import CommonArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
+from .args import (CommonArgs, cut_at_stop, generation_config, image_aspect_ratio,
+                   parse_model_args, split_model_args)
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
 
 
@@ -147,7 +150,9 @@ class SpeculativeLMM(lmms):
     def _respond(self, req: Instance) -> tuple[str, Record, TokenCounts]:
         inputs = self._request_inputs(req)                                          # 1.
         task, doc_id, gen_kwargs = inputs.task, inputs.doc_id, inputs.gen_kwargs
-        prompt = self.target.prepare(inputs.prompt, inputs.images)                  # 2.
+        aspect = image_aspect_ratio(gen_kwargs, self.settings.image_aspect_ratio)
+        prompt = self.target.prepare(inputs.prompt, inputs.images,
+                                     image_aspect_ratio=aspect)                       # 2.
         cfg = generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
                                 eos_token_ids=self.target.eos_token_ids,
                                 seed=self.settings.seed + doc_id,
@@ -199,15 +204,18 @@ class SpeculativeLMM(lmms):
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
             visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-            return RequestInputs(ctx, _images(visuals), dict(gen_kwargs), task, int(doc_id))
+            return RequestInputs(ctx, _images(visuals, f"{task} doc {doc_id}"), dict(gen_kwargs),
+                                 task, int(doc_id))
         _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
         chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
         images, videos, audios = chat.extract_media()
         if videos or audios:
-            raise NotImplementedError(f"{task} doc {doc_id}: only image inputs are supported")
+            raise NotImplementedError(f"{task} doc {doc_id}: only image inputs are supported "
+                                      f"(got {len(videos)} videos, {len(audios)} audios)")
         messages = [{"role": m["role"], "content": [_strip_media(c) for c in m["content"]]}
                     for m in chat.model_dump()["messages"]]
-        return RequestInputs(messages, _images(images), dict(gen_kwargs), task, int(doc_id))
+        return RequestInputs(messages, _images(images, f"{task} doc {doc_id}"), dict(gen_kwargs),
+                             task, int(doc_id))
 
     # ------------------------------------------------------------------ reporting
     def _report(self, records: list[Record]) -> None:
@@ -236,17 +244,19 @@ def _pick_device(requested: str | None, accelerator: Accelerator) -> torch.devic
     return device
 
 
-def _images(visuals: Any) -> list[Image.Image]:
+def _images(visuals: Any, where: str) -> list[Image.Image]:
     """lmms-eval visuals (None, an image, or a list, possibly nested, of images or None) -> a
-    flat list of images."""
+    flat list of images; anything else (a video path, an audio dict) is an error naming
+    ``where`` (the task and doc)."""
     flat: list[Any] = []
     for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
         flat.extend(v if isinstance(v, (list, tuple)) else [v])
     flat = [v for v in flat if v is not None]
     for v in flat:
         if not isinstance(v, Image.Image):
-            raise NotImplementedError(f"only PIL image inputs are supported, got "
-                                      f"{type(v).__name__}")
+            raise NotImplementedError(f"{where}: only image inputs are supported, got "
+                                      f"{type(v).__name__} {str(v)[:60]!r} (a video or audio "
+                                      f"task?)")
     return [v.convert("RGB") for v in flat]
 
 
