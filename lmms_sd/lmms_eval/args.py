@@ -304,6 +304,7 @@ def generation_config(gen_kwargs: Mapping[str, object], *, default_max_new_token
 
 
 def _check_keys(g: Mapping[str, object]) -> None:
+    """Unknown keys, beam search and unimplemented distribution changes are errors."""
     for key in g:
         if key not in _HONOURED + _IGNORED and key not in _UNSUPPORTED:
             raise ValueError(f"unknown gen_kwargs key {key!r}; known keys: "
