@@ -28,7 +28,7 @@ from .adapters.loading import model_type
 from .core.generate import GenerationConfig, GenerationStats, StepObserver, generate
 from .core.generate import GenerationResult as CoreResult
 from .core.interfaces import PromptInputs
-from .lmms_eval.args import cut_at_stop, generation_config
+from .lmms_eval.args import cut_at_stop, generation_config, image_aspect_ratio
 from .methods import FAMILIES, Method, MSDCalibrated, method_class, split_model_name
 
 ImageLike = Image.Image | str | Path  # a PIL image, a file path or a data: URL
@@ -128,7 +128,9 @@ class Speculator:
           only 1). Defaults: ``max_new_tokens`` and ``seed`` from the settings, greedy; baseline
           from ``baseline=`` of the settings."""
         prompt, pictures = messages_and_images(prompt, images)
-        prepared = self.target.prepare(prompt, pictures)
+        prepared = self.target.prepare(prompt, pictures,
+                                       image_aspect_ratio=image_aspect_ratio(
+                                           {}, self.settings.image_aspect_ratio))
         gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature,
                       "top_p": top_p, "top_k": top_k, "do_sample": do_sample, "until": stop,
                       "num_beams": num_beams}
@@ -140,7 +142,8 @@ class Speculator:
     def config(self, gen_kwargs: Mapping[str, object], seed: int | None) -> GenerationConfig:
         """lmms-eval ``gen_kwargs`` -> the core's settings (``args.generation_config``)."""
         return generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
-                                 eos_token_ids=self.target.eos_token_ids, seed=seed)
+                                 eos_token_ids=self.target.eos_token_ids, seed=seed,
+                                 max_length=self.target.max_positions)
 
     def run(self, prompt: PromptInputs, cfg: GenerationConfig, task: str,
             baseline: bool) -> Generation:

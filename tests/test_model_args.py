@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from lmms_sd.core.sampling import SamplingConfig
+import torch
+
+from lmms_sd.core.sampling import SamplingConfig, logits_to_probs
 from lmms_sd.lmms_eval.args import (SDArgs, coerce, cut_at_stop, from_mapping, generation_config,
                                     parse_model_args, split_model_args, stop_strings)
 from lmms_sd.trees.chain import ChainConfig
@@ -119,6 +121,33 @@ def test_do_sample_false_wins_over_temperature():
     assert config(temperature=0.7, do_sample=False).sampling.greedy
     assert config(do_sample=True).sampling.temperature == 1.0
     assert config(temperature=0, top_p=None, do_sample=False).sampling == SamplingConfig()
+
+
+def test_greedy_ignores_the_sampling_filters_as_transformers_does():
+    # MathVerse, VCR, DetailCaps, ...: top_p 0 is a sampling filter, and nobody samples
+    assert config(temperature=0, top_p=0, do_sample=False, num_beams=1).sampling == SamplingConfig()
+    assert config(temperature=0, top_p=-3, top_k=-1).sampling.greedy
+    with pytest.raises(ValueError, match="top_p must be in"):
+        config(temperature=0.5, top_p=1.5)
+
+
+def test_do_sample_with_temperature_zero_is_refused_as_in_transformers():
+    with pytest.raises(ValueError, match="do_sample=True with temperature=0"):
+        config(do_sample=True, temperature=0)
+
+
+def test_top_p_zero_when_sampling_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.1, 2.0, 1.9, -1.0]])  # [1, V]
+    probs = logits_to_probs(logits, config(do_sample=True, top_p=0).sampling)
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_unknown_gen_kwargs_key_is_named_and_inert_keys_are_accepted():
+    with pytest.raises(ValueError, match="unknown gen_kwargs key 'temprature'"):
+        config(temprature=0.2)
+    cfg = config(visual_cot=True, max_agentic_steps=8, skip_special_tokens=False, seed=0,
+                 stop_sequences=["\n"], image_aspect_ratio="original")
+    assert cfg.sampling.greedy
 
 
 def test_num_beams_above_one_is_an_error():

@@ -56,6 +56,16 @@ class HFAdapter:
         return kv_length(self.cache)
 
     @property
+    def max_positions(self) -> int | None:
+        """The most positions the decoder takes: ``max_position_embeddings`` of the text config
+        (a VLM's language model), else of the config itself; None if neither sets it."""
+        config = self.model.config
+        for cfg in (config.get_text_config(), config):
+            if getattr(cfg, "max_position_embeddings", None):
+                return int(cfg.max_position_embeddings)
+        return None
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """The generation config's EOS ids plus the tokenizer's, deduplicated in order."""
         ids = self.model.generation_config.eos_token_id
@@ -69,7 +79,9 @@ class HFAdapter:
 
     # ------------------------------------------------------------------ family hooks
     def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
-                chat: bool = True) -> PromptInputs:
+                chat: bool = True, image_aspect_ratio: str = "original") -> PromptInputs:
+        """image_aspect_ratio: ``original`` (the processor as is) or ``pad`` (LLaVA's
+        pad-to-square; what it means for each family is in its adapter's docstring)."""
         raise NotImplementedError
 
     def _prefill_embeds(self, prompt: PromptInputs) -> Tensor:  # -> [T, H]

@@ -22,7 +22,7 @@ class CausalLMAdapter(HFAdapter):
         super().__init__(model, tokenizer, model.get_decoder())
 
     def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
-                chat: bool = True) -> PromptInputs:
+                chat: bool = True, image_aspect_ratio: str = "original") -> PromptInputs:
         if images:
             raise ValueError(f"a text-only model cannot take images (got {len(images)})")
         if chat and self.tokenizer.chat_template is None:

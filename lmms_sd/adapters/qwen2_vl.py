@@ -7,6 +7,11 @@ position id is smaller than the token count. ``get_rope_index`` at prefill retur
 difference as ``rope_delta``; every later token at 1-D text position ``t`` gets id
 ``t + rope_delta`` on all three sections. We compute it ourselves and never rely on the
 model's stored ``rope_deltas`` (stale across requests and forwards).
+
+``image_aspect_ratio="pad"`` (LLaVA's pad-to-square, asked for by a few lmms-eval tasks) changes
+nothing here: Qwen2-VL's processor never crops, it resizes each image to a grid of whole patches
+keeping its aspect ratio, which is what LLaVA pads for; padding would only add blank patches.
+lmms-eval's own qwen2_vl class ignores the key as well.
 """
 from __future__ import annotations
 
@@ -40,7 +45,10 @@ class Qwen2VLAdapter(HFAdapter):
         self.rope_delta = 0
 
     def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
-                chat: bool = True) -> PromptInputs:
+                chat: bool = True, image_aspect_ratio: str = "original") -> PromptInputs:
+        if image_aspect_ratio not in ("original", "pad"):  # pad: see the module docstring
+            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: Qwen2-VL takes 'pad' "
+                             "(a no-op) or 'original'")
         text = self._format(prompt, len(images), chat)
         enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
         ids = enc["input_ids"][0].to(self.device)  # [T]

@@ -12,7 +12,7 @@ With ``drafter=None`` step 1 yields an empty tree and the loop is plain greedy/s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -27,15 +27,30 @@ TARGET, DRAFT = "target", "draft"
 
 @dataclass(frozen=True)
 class GenerationConfig:
+    """max_length: the most positions the target holds (prompt + new tokens), None: no limit.
+    A request decodes ``budget(prompt length)`` new tokens at most."""
+
     max_new_tokens: int = 64
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     sampling: SamplingConfig = SamplingConfig()
     seed: int | None = None
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def budget(self, prompt_len: int) -> int:
+        """max_new_tokens, clipped to the room ``max_length`` leaves after the prompt."""
+        if self.max_length is None:
+            return self.max_new_tokens
+        room = self.max_length - prompt_len
+        if room < 1:
+            raise ValueError(f"the prompt has {prompt_len} tokens and the target holds at most "
+                             f"{self.max_length} positions (its max_position_embeddings): "
+                             f"shorten the prompt or use fewer / smaller images")
+        return min(self.max_new_tokens, room)
 
 
 @dataclass
@@ -154,6 +169,7 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
     collect calibration traces from the verify forward at no extra target cost."""
     if (drafter is None) != (builder is None):
         raise ValueError("pass both a drafter and a tree builder, or neither")
+    cfg = replace(cfg, max_new_tokens=cfg.budget(len(prompt.input_ids)))
     stop = StopChecker(cfg, decode)
     gen = None
     if not cfg.sampling.greedy:
@@ -177,8 +193,12 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
         drafter.commit([root], pre.hidden[-1:] if want_hidden else None)
 
     while not done:
-        # 1. draft
-        tree = builder(drafter, cfg.sampling, gen) if drafter is not None else DraftTree.empty(device)
+        # 1. draft, never deeper than the budget left (so never past max_length)
+        room = cfg.max_new_tokens - len(out) - 1
+        if drafter is None or room == 0:
+            tree = DraftTree.empty(device)
+        else:
+            tree = builder(drafter, cfg.sampling, gen).within_depth(room)
         # 2. verify: one target forward over [root, nodes]
         start = target.seq_len
         slots = torch.cat([torch.tensor([root], device=device), tree.tokens.to(device)])

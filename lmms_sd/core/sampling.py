@@ -13,7 +13,8 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 disable those filters; top_p 0
+    keeps only the most likely token (as transformers, which always keeps one)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -22,8 +23,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
@@ -49,6 +50,7 @@ def logits_to_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)

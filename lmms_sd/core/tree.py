@@ -148,6 +148,20 @@ class DraftTree:
         """The builder's predicted number of accepted draft tokens (sum of path scores)."""
         return None if self.scores is None else float(self.scores.sum())
 
+    def within_depth(self, depth: int) -> "DraftTree":
+        """The tree without its nodes deeper than ``depth`` (a slot loses all its children or
+        none, so verification stays lossless)."""
+        keep = self.depths <= depth  # [N] bool
+        if bool(keep.all()):
+            return self
+        new_index = torch.cumsum(keep, 0) - 1
+        par = self.parents[keep]
+        parents = torch.where(par >= 0, new_index[par.clamp(min=0)], par)
+        slots = torch.cat([keep.new_ones(1), keep])
+        return DraftTree(self.tokens[keep], parents,
+                         None if self.draft_probs is None else self.draft_probs[slots],
+                         self.sampled, None if self.scores is None else self.scores[keep])
+
     def attention_mask(self, past_len: int) -> Tensor:  # [N+1, past_len + N+1] bool
         """The verify forward's mask: every slot sees all ``past_len`` cached positions, then the
         root, its ancestors and itself."""

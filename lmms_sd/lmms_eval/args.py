@@ -51,6 +51,8 @@ class CommonArgs:
     stats_path:      per-sample JSONL of speed statistics; default: beside lmms-eval's results.
     batch_size:      must be 1 (speculative decoding here is per request).
     max_batch_size:  accepted from the lmms-eval CLI and unused.
+    image_aspect_ratio: ``pad`` (LLaVA-1.5's pad-to-square) or ``original``; wins over a task's
+                     gen_kwargs; default: the task's, else ``original``. A no-op for Qwen2-VL.
     """
 
     pretrained: str
@@ -64,6 +66,7 @@ class CommonArgs:
     stats_path: str | None = None
     batch_size: int = 1
     max_batch_size: int | None = None
+    image_aspect_ratio: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size != 1:
@@ -76,6 +79,8 @@ class CommonArgs:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.image_aspect_ratio is not None:
+            image_aspect_ratio({}, self.image_aspect_ratio)
 
 
 @dataclass(frozen=True)
@@ -237,12 +242,7 @@ def coerce(value: object, hint: Any, key: str = "value") -> Any:
     if hint is int:
         return _to_int(value, key)
     if hint is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{key}={value!r} is not a number")
-        try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}={value!r} is not a number") from None
+        return _to_float(value, key)
     if hint is str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
@@ -282,51 +282,96 @@ def _to_int(value: object, key: str) -> int:
 
 # Settings that would change the output distribution and that the core does not implement, with
 # their neutral value. Tasks that set them to something else get an error, not a silent change.
-_UNSUPPORTED = {"repetition_penalty": 1.0, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
-                "presence_penalty": 0.0, "frequency_penalty": 0.0}
+_UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0,
+                "min_length": 0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "length_penalty": 1.0, "typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0,
+                "eta_cutoff": 0.0}
+# Keys that do not change what is decoded: lmms-eval's own llava / qwen2_vl classes ignore
+# them too (image_aspect_ratio is read by ``image_aspect_ratio`` below).
+_IGNORED = ("image_aspect_ratio", "visual_cot", "max_agentic_steps", "skip_special_tokens",
+            "stop_sequences", "seed", "use_cache", "image_sizes", "modalities")
+_HONOURED = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "until", "num_beams")
+ASPECT_RATIOS = ("original", "pad")
 
 
 def generation_config(gen_kwargs: Mapping[str, object], *, default_max_new_tokens: int,
-                      eos_token_ids: tuple[int, ...], seed: int | None) -> GenerationConfig:
-    """Map a request's lmms-eval ``gen_kwargs`` onto the core's ``GenerationConfig``.
+                      eos_token_ids: tuple[int, ...], seed: int | None,
+                      max_length: int | None = None) -> GenerationConfig:
+    """Map a request's lmms-eval ``gen_kwargs`` onto the core's ``GenerationConfig``, reading
+    them as ``transformers``' ``generate`` does (table in the README, "lmms-eval tasks: what
+    decodes"): greedy unless sampling is asked for, and then temperature, top_p and top_k are
+    neither used nor validated; ``do_sample`` true with temperature 0 is an error, as it is in
+    transformers. Without ``do_sample``, temperature > 0 samples (lmms-eval's own rule).
+    Keys in ``_IGNORED`` are accepted; unknown keys and ``_UNSUPPORTED`` settings at a
+    non-neutral value are errors naming the key. ``max_length``: the target's max positions
+    (the core clips max_new_tokens to the room they leave after the prompt)."""
+    g = {k: v for k, v in gen_kwargs.items() if v is not None}
+    _check_keys(g)
+    max_new = g.get("max_new_tokens")
+    return GenerationConfig(
+        max_new_tokens=default_max_new_tokens if max_new is None
+        else _to_int(max_new, "max_new_tokens"),
+        eos_token_ids=tuple(eos_token_ids),
+        stop_strings=stop_strings(g.get("until")),
+        sampling=_sampling(g),
+        seed=seed,
+        max_length=max_length,
+    )
 
-    Honoured: max_new_tokens, temperature, top_p, top_k, do_sample, until (stop strings),
-    num_beams (only 1). Sampling happens when temperature > 0 unless do_sample is false;
-    do_sample=true without a temperature samples at temperature 1 (as transformers does).
-    Other keys (image_sizes, image_aspect_ratio, ...) do not affect decoding and are ignored.
-    """
-    g = dict(gen_kwargs)
-    beams = _to_int(g.get("num_beams", 1) or 1, "num_beams")
+
+def _check_keys(g: Mapping[str, object]) -> None:
+    """Unknown keys, beam search and unimplemented distribution changes are errors."""
+    for key in g:
+        if key not in _HONOURED + _IGNORED and key not in _UNSUPPORTED:
+            raise ValueError(f"unknown gen_kwargs key {key!r}; known keys: "
+                             f"{', '.join(sorted(_HONOURED + _IGNORED + tuple(_UNSUPPORTED)))}")
+    beams = _to_int(g.get("num_beams", 1), "num_beams")
     if beams != 1:
         raise ValueError(f"num_beams={beams}: beam search is not speculative decoding; "
                          f"only num_beams=1 is supported")
     for name, neutral in _UNSUPPORTED.items():
-        if g.get(name) is not None and float(g[name]) != neutral:  # type: ignore[arg-type]
+        if name in g and (neutral is None or float(g[name]) != neutral):  # type: ignore[arg-type]
             raise ValueError(f"gen_kwargs {name}={g[name]!r} is not supported (it changes the "
                              f"target distribution); leave it at {neutral}")
-    do_sample = g.get("do_sample")
-    do_sample = None if do_sample is None else _to_bool(do_sample, "do_sample")
-    temperature = g.get("temperature")
-    if temperature is None:
-        temperature = 1.0 if do_sample else 0.0
-    temperature = float(temperature)  # type: ignore[arg-type]
-    if do_sample is False:
-        temperature = 0.0
-    sampling = SamplingConfig(
-        temperature=temperature,
-        top_p=1.0 if g.get("top_p") is None else float(g["top_p"]),  # type: ignore[arg-type]
-        top_k=0 if g.get("top_k") is None else _to_int(g["top_k"], "top_k"),
+
+
+def _sampling(g: Mapping[str, object]) -> SamplingConfig:
+    """Greedy unless sampling is asked for; the filters are read only when sampling."""
+    do_sample = None if "do_sample" not in g else _to_bool(g["do_sample"], "do_sample")
+    temperature = None if "temperature" not in g else _to_float(g["temperature"], "temperature")
+    if do_sample is None:
+        do_sample = bool(temperature)
+    if not do_sample:
+        return SamplingConfig()
+    if temperature == 0:
+        raise ValueError("gen_kwargs do_sample=True with temperature=0: transformers refuses this "
+                         "too (temperature must be > 0 to sample); set do_sample=False for greedy")
+    return SamplingConfig(
+        temperature=1.0 if temperature is None else temperature,
+        top_p=_to_float(g.get("top_p", 1.0), "top_p"),
+        top_k=_to_int(g.get("top_k", 0), "top_k"),
     )
-    max_new = g.get("max_new_tokens")
-    if max_new is not None:
-        max_new = _to_int(max_new, "max_new_tokens")
-    return GenerationConfig(
-        max_new_tokens=default_max_new_tokens if max_new is None else max_new,
-        eos_token_ids=tuple(eos_token_ids),
-        stop_strings=stop_strings(g.get("until")),
-        sampling=sampling,
-        seed=seed,
-    )
+
+
+def image_aspect_ratio(gen_kwargs: Mapping[str, object], model_arg: str | None) -> str:
+    """How images are fitted to the vision tower: the model arg if given, else the request's
+    ``gen_kwargs`` (as lmms-eval's llava class, where the model's own config wins), else
+    ``original`` (the processor's own resize / crop)."""
+    value = model_arg if model_arg is not None else gen_kwargs.get("image_aspect_ratio")
+    value = "original" if value is None else str(value)
+    if value not in ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio={value!r} is not supported; choose from "
+                         f"{ASPECT_RATIOS} (anyres is LLaVA-NeXT's, not LLaVA-1.5's)")
+    return value
+
+
+def _to_float(value: object, key: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not a number")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} is not a number") from None
 
 
 def stop_strings(until: object) -> tuple[str, ...]:

@@ -4,8 +4,10 @@ One request, in order:
   1. inputs    simple requests: ``(ctx, gen_kwargs, doc_to_visual, doc_id, task, split)``;
                chat requests: ``(ctx, doc_to_messages, gen_kwargs, doc_id, task, split)``
   2. prompt    the target adapter's ``prepare`` applies the chat template and the processor
-  3. settings  ``gen_kwargs`` -> ``GenerationConfig`` (max_new_tokens, temperature, top_p, top_k,
-               do_sample, until; num_beams > 1 is an error)
+               (``image_aspect_ratio`` from the model args, else from ``gen_kwargs``)
+  3. settings  ``gen_kwargs`` -> ``GenerationConfig`` read as transformers reads them
+               (``args.generation_config``); max_new_tokens is clipped to the room the target's
+               max positions leave (one warning per task), an overlong prompt is an error
   4. decode    the core loop with the method's drafter and tree builder (none with ``sd=off``)
   5. baseline  with ``baseline=true`` the same prompt again, autoregressively
                (4. and 5. are ``lmms_sd.api.Speculator.run``, the decoder of ``lmms_sd.load``)
@@ -29,8 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..api import Speculator, messages_and_images
+from ..core.generate import GenerationConfig
 from ..methods import method_class
-from .args import split_model_args
+from .args import image_aspect_ratio, split_model_args
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
 
 
@@ -73,6 +76,7 @@ class SpeculativeLMM(lmms):
         self._device = _pick_device(self.settings.device, self.accelerator)
         self.decoder = Speculator(spec, self._device, self.family)
         self.target, self.drafter = self.decoder.target, self.decoder.drafter
+        self._clipped_tasks: set[str] = set()
 
     # ------------------------------------------------------------------ lmms-eval API
     @property
@@ -109,8 +113,11 @@ class SpeculativeLMM(lmms):
     def _respond(self, req: Instance) -> tuple[str, Record, TokenCounts]:
         inputs = self._request_inputs(req)                                          # 1.
         task, doc_id, gen_kwargs = inputs.task, inputs.doc_id, inputs.gen_kwargs
-        prompt = self.target.prepare(inputs.prompt, inputs.images)                  # 2.
+        aspect = image_aspect_ratio(gen_kwargs, self.settings.image_aspect_ratio)
+        prompt = self.target.prepare(inputs.prompt, inputs.images,
+                                     image_aspect_ratio=aspect)                       # 2.
         cfg = self.decoder.config(gen_kwargs, seed=self.settings.seed + doc_id)      # 3.
+        self._check_length(task, doc_id, cfg, len(prompt.input_ids))
         out = self.decoder.run(prompt, cfg, task, self.settings.baseline)           # 4., 5.
         record: Record = {"task": task, "doc_id": doc_id, "rank": self.rank,
                           "device": str(self.device), "threads": torch.get_num_threads(),
@@ -124,15 +131,35 @@ class SpeculativeLMM(lmms):
         self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), out.text)
         return out.text, record, counts                                             # 6.
 
+    def _check_length(self, task: str, doc_id: int, cfg: GenerationConfig, prompt_len: int
+                      ) -> None:
+        """An overlong prompt fails before decoding; a budget past the target's positions is
+        clipped by the core (both decodes alike), with one warning per task."""
+        try:
+            budget = cfg.budget(prompt_len)
+        except ValueError as e:
+            raise ValueError(f"{task} doc {doc_id}: {e}") from None
+        if budget < cfg.max_new_tokens and task not in self._clipped_tasks:
+            self._clipped_tasks.add(task)
+            eval_logger.warning(f"{task}: max_new_tokens={cfg.max_new_tokens} does not fit in the "
+                                f"target's {cfg.max_length} positions; requests stop at the limit "
+                                f"(doc {doc_id}: {budget} new tokens after {prompt_len}); "
+                                f"warned once per task")
+
     def _request_inputs(self, req: Instance) -> RequestInputs:
         if self.is_simple:
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
             visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-            return RequestInputs(ctx, _images(visuals), dict(gen_kwargs), task, int(doc_id))
+            return RequestInputs(ctx, _images(visuals, f"{task} doc {doc_id}"), dict(gen_kwargs),
+                                 task, int(doc_id))
         _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
-        messages, images = messages_and_images(
-            doc_to_messages(self.task_dict[task][split][doc_id]), None)
+        try:
+            messages, images = messages_and_images(
+                doc_to_messages(self.task_dict[task][split][doc_id]), None)
+        except NotImplementedError as e:  # a video or audio part: say which task
+            raise NotImplementedError(f"{task} doc {doc_id}: only image inputs are supported "
+                                      f"({e})") from None
         return RequestInputs(messages, images, dict(gen_kwargs), task, int(doc_id))
 
     # ------------------------------------------------------------------ reporting
@@ -162,16 +189,18 @@ def _pick_device(requested: str | None, accelerator: Accelerator) -> torch.devic
     return device
 
 
-def _images(visuals: Any) -> list[Image.Image]:
+def _images(visuals: Any, where: str) -> list[Image.Image]:
     """lmms-eval visuals (None, an image, or a list, possibly nested, of images or None) -> a
-    flat list of images."""
+    flat list of images; anything else (a video path, an audio dict) is an error naming
+    ``where`` (the task and doc)."""
     flat: list[Any] = []
     for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
         flat.extend(v if isinstance(v, (list, tuple)) else [v])
     flat = [v for v in flat if v is not None]
     for v in flat:
         if not isinstance(v, Image.Image):
-            raise NotImplementedError(f"only PIL image inputs are supported, got "
-                                      f"{type(v).__name__}")
+            raise NotImplementedError(f"{where}: only image inputs are supported, got "
+                                      f"{type(v).__name__} {str(v)[:60]!r} (a video or audio "
+                                      f"task?)")
     return [v.convert("RGB") for v in flat]
 
