@@ -223,8 +223,8 @@ def _check_role(info: CheckpointInfo, role: str, family: str | None) -> None:
         what = ("a text-only language model" if info.kind == "causal_lm"
                 else f"a {info.kind} checkpoint")
         raise ValueError(f"{info.source} is {what} (model_type {info.config.get('model_type')!r})"
-                         f"; the {family}_* classes need a {family} VLM target as pretrained= "
-                         "(a text-only LM can serve as draft=)")
+                         f"; a {family}_* class needs a {family} target (a {family} VLM) as "
+                         "pretrained= (a text-only LM can serve as draft=)")
     if role == "draft" and info.kind not in (family, "causal_lm"):
         raise ValueError(f"{info.source} is a {info.kind} checkpoint; a {family} target takes a "
                          f"{family} draft VLM or a text-only causal LM as draft=")

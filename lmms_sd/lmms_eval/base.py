@@ -15,6 +15,7 @@ Errors propagate: a request that fails to decode fails the run.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -76,10 +77,8 @@ class SpeculativeLMM(lmms):
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device = _pick_device(self.settings.device, self.accelerator)
-        self.target = self.load(self.settings.pretrained)
-        if self.target.family != self.family:
-            raise ValueError(f"{type(self).__name__} needs a {self.family} target; "
-                             f"{self.settings.pretrained} is a {self.target.family} checkpoint")
+        self.target = self.load(self.settings.pretrained, role="target")
+        self._device = self.target.device  # its input embeddings' device under a device_map
         self.drafter: Drafter | None = None
         self.builder: TreeBuilder | None = None
         if self.settings.sd:
@@ -106,10 +105,27 @@ class SpeculativeLMM(lmms):
         ``measured`` False keeps it out of the speed summary (e.g. calibration requests)."""
         return {}
 
-    def load(self, path: str) -> HFAdapter:
-        """An adapter for the checkpoint at ``path`` on this process's device."""
-        return load_adapter(path, device=self._device, dtype=getattr(torch, self.settings.dtype),
-                            attn_implementation=self.settings.attn_implementation)
+    def load(self, path: str, role: str = "draft") -> HFAdapter:
+        """An adapter for the checkpoint at ``path`` (folder or hub id). The target: on this
+        process's device, or spread over its GPUs with ``device_map``; a draft: on the device
+        of the target's input embeddings, in the target's dtype unless ``draft_dtype`` says
+        otherwise. The checkpoint's kind is checked against ``role`` before allocation."""
+        s = self.settings
+        if role == "target":
+            memory = process_max_memory(self.accelerator) if s.device_map else None
+            return load_adapter(path, revision=s.revision, device=self._device, dtype=s.dtype,
+                                attn_implementation=s.attn_implementation,
+                                device_map=s.device_map, max_memory=memory, role="target",
+                                family=self.family)
+        return load_adapter(path, device=self.target.device, dtype=self.draft_dtype,
+                            attn_implementation=s.attn_implementation, role="draft",
+                            family=self.family)
+
+    @property
+    def draft_dtype(self) -> torch.dtype:
+        """The dtype of drafts and heads: ``draft_dtype``, or the target's under ``auto``."""
+        name = self.settings.draft_dtype
+        return self.target.dtype if name == "auto" else getattr(torch, name)
 
     # ------------------------------------------------------------------ lmms-eval API
     @property
@@ -216,6 +232,26 @@ def _pick_device(requested: str | None, accelerator: Accelerator) -> torch.devic
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", accelerator.local_process_index)
     return device
+
+
+def gpu_share(local_rank: int, local_processes: int, gpus: int) -> list[int]:
+    """The GPUs process ``local_rank`` of ``local_processes`` on a node owns: an equal,
+    contiguous share of the node's ``gpus``."""
+    share = gpus // local_processes
+    if share == 0:
+        raise ValueError(f"device_map with {local_processes} processes on a node needs at least "
+                         f"one GPU per process; {gpus} visible")
+    return list(range(local_rank * share, (local_rank + 1) * share))
+
+
+def process_max_memory(accelerator: Accelerator) -> dict[int | str, int] | None:
+    """accelerate's ``max_memory`` limited to this process's GPUs (free memory of each); None
+    without GPUs (``device_map`` then places everything on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    owned = gpu_share(accelerator.local_process_index, local, torch.cuda.device_count())
+    return {i: torch.cuda.mem_get_info(i)[0] for i in owned}
 
 
 def _images(visuals: Any) -> list[Image.Image]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from ..adapters import check_same_vocab
+from ..adapters.hub import resolve_file
 from ..calibration.online import CalibratedSettings, make_calibrated
 from ..core.generate import GenerationConfig, StepObserver
 from ..core.interfaces import Drafter
@@ -67,7 +67,7 @@ def _msd_drafter(lmm: SpeculativeLMM) -> MSDDrafter:
     s = lmm.settings
     return load_msd_drafter(_need(s.draft, "draft", lmm), lmm.target.model,
                             cfg=MSDConfig(positions=s.positions),
-                            check_embeddings=s.check_embeddings)
+                            check_embeddings=s.check_embeddings, dtype=lmm.draft_dtype)
 
 
 class _Cascade(SpeculativeLMM):
@@ -95,7 +95,8 @@ class _Cascade(SpeculativeLMM):
     def _member(self, path: str) -> Drafter:
         if path != "mag":
             return _model_drafter(self, path)
-        table = BigramTable.load(Path(self.settings.bigram)) if self.settings.bigram else None
+        bigram = self.settings.bigram
+        table = BigramTable.load(resolve_file(bigram)) if bigram else None
         return MaGDrafter(self.target.vocab_size, table)
 
 
