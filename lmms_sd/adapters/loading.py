@@ -116,6 +116,7 @@ def _described_parameters(model_cls: Any, config: Any) -> int:
     from accelerate import init_empty_weights
     with init_empty_weights():
         model = model_cls(config)
+    model.tie_weights()  # tied embeddings are stored once (outside: the context re-creates them)
     return sum(p.numel() for p in model.parameters())
 
 
