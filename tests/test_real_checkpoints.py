@@ -232,3 +232,56 @@ def test_draft_ids_beyond_the_target_are_refused(adapters: dict) -> None:
         ModelDrafter(adapters["llava"], vocab_size=32000)
     with pytest.raises(ValueError, match="tokenizers differ on"):
         check_same_vocab(adapters["llava"], adapters["qwen2b"])
+
+
+# ---------------------------------------------------------------------------- flash-attention
+
+def _no_4d_masks(calls: list) -> Any:
+    """An attention kernel like flash-attention: causal (bottom-right) only, and a 4-D mask is
+    an error instead of being silently ignored."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise RuntimeError("a 4-D tree mask reached a kernel that ignores it")
+        calls.append(query.shape[2])
+        q, k = query.shape[2], key.shape[2]
+        causal = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+        return sdpa_attention_forward(module, query, key, value, causal[None, None], **kwargs)
+    return attention
+
+
+@pytest.fixture()
+def flash_like(tiny_paths: dict, monkeypatch) -> tuple[HFAdapter, HFAdapter, list]:
+    """(target, draft VLM) on a flash-like kernel, registered as ``no_masks_kernel``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from lmms_sd.adapters import base
+    calls: list = []
+    AttentionInterface.register("no_masks_kernel", _no_4d_masks(calls))
+    AttentionMaskInterface.register("no_masks_kernel", ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    monkeypatch.setattr(base, "NO_TREE_MASK", ("flash", "no_masks_kernel"))
+    out = [load_adapter(tiny_paths["llava"][r]) for r in ("target", "draft_vlm")]
+    for adapter in out:
+        adapter.decoder.set_attn_implementation("no_masks_kernel")
+    return out[0], out[1], calls
+
+
+def test_tree_steps_under_flash_attention_go_through_sdpa(flash_like, tiny_adapters, monkeypatch):
+    from lmms_sd.adapters import base
+    from lmms_sd.core.generate import GenerationConfig, generate
+    from lmms_sd.trees import make_builder
+    target, draft, calls = flash_like
+    prompt = target.prepare("What is in the image?", [tiny_image(0)])
+    reference = tiny_adapters["llava"]["target"].hf_generate(prompt, 16)
+    cfg = GenerationConfig(max_new_tokens=16, eos_token_ids=target.eos_token_ids)
+    builder = make_builder("dynamic", depth=3, top_k=3, total_tokens=8)
+    result = generate(target, prompt, cfg, ModelDrafter(draft, vocab_size=target.vocab_size),
+                      builder)
+    assert result.tokens == reference
+    assert calls and max(calls) > 1, "the kernel ran the prefill and causal steps"
+    assert target.decoder.config._attn_implementation == "no_masks_kernel"
+    monkeypatch.setattr(base, "NO_TREE_MASK", ("flash",))  # the routing removed
+    with pytest.raises(RuntimeError, match="4-D tree mask"):
+        generate(target, prompt, cfg, ModelDrafter(draft, vocab_size=target.vocab_size), builder)
