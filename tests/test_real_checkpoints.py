@@ -71,7 +71,8 @@ def _same_but_sizes(real: Any, tiny: Any, path: str = "") -> None:
                                         ("llava_head", "MSD-LLaVA1.5-7B"),
                                         ("qwen_head", "MSD-Qwen2VL-7B-Instruct")])
 def test_tiny_checkpoints_keep_the_published_configs(built: dict, name: str, repo: str) -> None:
-    _same_but_sizes(rf.fixture(FIXTURES, repo), json.loads((built[name] / "config.json").read_text()))
+    tiny = json.loads((built[name] / "config.json").read_text())
+    _same_but_sizes(rf.fixture(FIXTURES, repo), tiny)
 
 
 @pytest.mark.parametrize("name, repo", [("llava", "llava-1.5-7b-hf"),
@@ -184,7 +185,8 @@ def test_heads_follow_the_target_dtype_unless_told(built: dict) -> None:
 
 
 def test_dtype_auto() -> None:
-    llava, qwen = rf.fixture(FIXTURES, "llava-1.5-7b-hf"), rf.fixture(FIXTURES, "Qwen2-VL-7B-Instruct")
+    llava = rf.fixture(FIXTURES, "llava-1.5-7b-hf")
+    qwen = rf.fixture(FIXTURES, "Qwen2-VL-7B-Instruct")
     assert resolve_dtype("auto", llava, "cpu") == torch.float32
     assert resolve_dtype("auto", llava, "cuda:0") == torch.float16
     assert resolve_dtype("auto", qwen, "cuda") == torch.bfloat16
@@ -210,7 +212,8 @@ def test_llava_hf_target_with_a_vicuna_draft(adapters: dict) -> None:
     drafter.begin(prompt, target.prefill(prompt))
     drafter.commit([5], None)
     row = drafter.root()
-    assert row.shape == (32064,) and torch.isinf(row[32000:]).all() and torch.isfinite(row[:32000]).all()
+    assert row.shape == (32064,)
+    assert torch.isinf(row[32000:]).all() and torch.isfinite(row[:32000]).all()
 
 
 def test_qwen2_vl_7b_and_2b_rows(adapters: dict) -> None:
@@ -255,12 +258,16 @@ def _no_4d_masks(calls: list) -> Any:
 def flash_like(tiny_paths: dict, monkeypatch) -> tuple[HFAdapter, HFAdapter, list]:
     """(target, draft VLM) on a flash-like kernel, registered as ``no_masks_kernel``."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     from lmms_sd.adapters import base
     calls: list = []
     AttentionInterface.register("no_masks_kernel", _no_4d_masks(calls))
-    AttentionMaskInterface.register("no_masks_kernel", ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    flash_masks = ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"]  # None when causal
+    AttentionMaskInterface.register("no_masks_kernel", flash_masks)
     monkeypatch.setattr(base, "NO_TREE_MASK", ("flash", "no_masks_kernel"))
     out = [load_adapter(tiny_paths["llava"][r]) for r in ("target", "draft_vlm")]
     for adapter in out:

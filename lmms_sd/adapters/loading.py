@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,
-                          LlavaForConditionalGeneration, LlavaProcessor,
-                          Qwen2VLForConditionalGeneration)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .base import HFAdapter
@@ -76,7 +81,7 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     files = sorted(folder.glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})  # noqa: SIM118
     if not files:
         for f in sorted(folder.glob("pytorch_model*.bin")):
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -96,9 +101,9 @@ def inspect_checkpoint(source: str | Path, revision: str | None = None) -> Check
     if _is_head(shapes):
         kind = "msd_head"
     elif kind == "llava" and "text_config" not in config:
-        raise ValueError(f"{source}: an original-format LLaVA checkpoint ({config.get('architectures')}"
-                         ", no text_config), which transformers cannot load; use the llava-hf "
-                         "conversion (e.g. llava-hf/llava-1.5-7b-hf)")
+        raise ValueError(f"{source}: an original-format LLaVA checkpoint "
+                         f"({config.get('architectures')}, no text_config), which transformers "
+                         "cannot load; use the llava-hf conversion (e.g. llava-hf/llava-1.5-7b-hf)")
     elif kind not in VLM_FAMILIES:
         if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ValueError(f"unsupported model type {kind!r} at {str(source)!r}: expected one "

@@ -13,8 +13,8 @@ What the published format is (read from the sources, 2025-05 snapshot of Lyn-Luc
 The Hugging Face repos lucylyn/MSD-LLaVA1.5-7B, -13B and MSD-Qwen2VL-7B-Instruct could not be read
 from here (no hub access); their layout below is inferred from the code that writes and reads them.
 
-Files. A folder (or hub repo: ``lmms_sd.adapters.hub``) with ``config.json`` and one weight file: ``pytorch_model.bin``
-(a plain ``torch.save`` state dict; MSD's trainer writes it with DeepSpeed's
+Files. A folder (or hub repo, ``lmms_sd.adapters.hub``) with ``config.json`` and one weight
+file: ``pytorch_model.bin`` (a plain ``torch.save`` state dict; MSD's trainer writes it with DeepSpeed's
 ``save_16bit_model``, so bf16 tensors) or, failing that, ``model.safetensors``; the loaders try
 them in that order. EAGLE's loader also reads ``config.json`` for a top-level ``"bias"`` flag
 (fc bias; default true).

@@ -27,7 +27,7 @@ def put_in_cache(folder: Path, repo_id: str, cache: Path, revision: str = "main"
 
 def use_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
     """Offline resolution from ``cache`` for the rest of the test."""
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))

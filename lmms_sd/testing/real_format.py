@@ -18,15 +18,20 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, processors
-from transformers import (AutoConfig, LlamaForCausalLM, LlavaForConditionalGeneration,
-                          PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration)
+from transformers import (
+    AutoConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2VLForConditionalGeneration,
+)
 
 from .tiny import CORPUS
 
@@ -72,7 +77,7 @@ def _filled_bpe(specials: list[str], size: int) -> Tokenizer:
     return tok
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached(kind: str) -> PreTrainedTokenizerFast:
     return {"llava-hf": lambda: _llama(True), "vicuna": lambda: _llama(False),
             "qwen2-vl": _qwen}[kind]()
