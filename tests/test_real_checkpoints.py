@@ -292,3 +292,23 @@ def test_tree_steps_under_flash_attention_go_through_sdpa(flash_like, tiny_adapt
     monkeypatch.setattr(base, "NO_TREE_MASK", ("flash",))  # the routing removed
     with pytest.raises(RuntimeError, match="4-D tree mask"):
         generate(target, prompt, cfg, ModelDrafter(draft, vocab_size=target.vocab_size), builder)
+
+
+def test_file_arguments_resolve_from_hub_repos(tmp_path: Path, monkeypatch) -> None:
+    """bigram=, tree.growmap=, cal.calibrator= take ORG/NAME/path/in/repo (``@REV`` too)."""
+    from lmms_sd.adapters.hub import resolve_file
+    from lmms_sd.drafters.bigram import BigramTable
+    repo = tmp_path / "repo"
+    (repo / "bigram_models").mkdir(parents=True)
+    table = BigramTable(torch.tensor([1, 2, 0, -1]), fallback=2)
+    table.save(repo / "bigram_models" / "t.json")
+    put_in_cache(repo, "lfsszd/tables", tmp_path / "cache")
+    put_in_cache(repo, "lfsszd/tables", tmp_path / "cache", revision="v2")
+    use_cache(monkeypatch, tmp_path / "cache")
+    for ref in ("lfsszd/tables/bigram_models/t.json", "lfsszd/tables@v2/bigram_models/t.json"):
+        loaded = BigramTable.load(resolve_file(ref))
+        assert torch.equal(loaded.next_token, table.next_token) and loaded.fallback == 2
+    with pytest.raises(FileNotFoundError, match="not in the local cache"):
+        resolve_file("lfsszd/tables/bigram_models/other.json")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        resolve_file("/tables/t.json")
