@@ -237,6 +237,20 @@ def test_draft_ids_beyond_the_target_are_refused(adapters: dict) -> None:
         check_same_vocab(adapters["llava"], adapters["qwen2b"])
 
 
+def test_extra_ids_must_be_added_tokens(adapters: dict) -> None:
+    """A draft whose tokenizer goes on with ordinary tokens past Vicuna's 32000 (a different,
+    larger vocabulary) is refused even where the target has the logit rows."""
+    from types import SimpleNamespace
+
+    from transformers import PreTrainedTokenizerFast
+    bigger = PreTrainedTokenizerFast(tokenizer_object=rf._filled_bpe(["<unk>", "<s>", "</s>"],
+                                                                     32010))
+    draft = SimpleNamespace(tokenizer=bigger, vocab_size=32010)
+    target = SimpleNamespace(tokenizer=adapters["vicuna"].tokenizer, vocab_size=32064)
+    with pytest.raises(ValueError, match="not added tokens"):
+        check_same_vocab(target, draft)
+
+
 # ---------------------------------------------------------------------------- flash-attention
 
 def _no_4d_masks(calls: list) -> Any:
