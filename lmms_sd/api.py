@@ -100,19 +100,33 @@ class Speculator:
 
     ``family``: the family the target must be (the lmms-eval classes), or None (any)."""
 
-    def __init__(self, method: Method, device: torch.device, family: str | None = None):
+    def __init__(self, method: Method, device: torch.device, family: str | None = None, *,
+                 max_memory: dict[int | str, int] | None = None):
         self.method, self.settings, self.name = method, method.settings, method.name
-        self.family = check_family(self.settings.pretrained, family, self.name)
-        self.device = device
-        self.target = self.load(self.settings.pretrained)
+        self.family = check_family(self.settings.pretrained, family, self.name,
+                                   self.settings.revision)
+        s = self.settings
+        self.target = load_adapter(s.pretrained, revision=s.revision, device=device,
+                                   dtype=s.dtype, attn_implementation=s.attn_implementation,
+                                   device_map=s.device_map, max_memory=max_memory,
+                                   role="target", family=self.family)
+        self.device = self.target.device  # its input embeddings' device under a device_map
         self.drafter, self.builder = (method.make_decoder(self.target, self.load)
                                       if self.settings.sd else (None, None))
 
     def load(self, path: str) -> HFAdapter:
-        """An adapter for the checkpoint at ``path`` with this decoder's device and dtype."""
-        s = self.settings
-        return load_adapter(path, device=self.device, dtype=getattr(torch, s.dtype),
-                            attn_implementation=s.attn_implementation)
+        """A draft checkpoint (folder or hub id) as an adapter on the device of the target's
+        input embeddings, in the target's dtype unless ``draft_dtype`` says otherwise; its kind
+        is checked before anything is allocated."""
+        return load_adapter(path, device=self.device, dtype=self.draft_dtype,
+                            attn_implementation=self.settings.attn_implementation,
+                            role="draft", family=self.family)
+
+    @property
+    def draft_dtype(self) -> torch.dtype:
+        """The dtype of drafts and heads: ``draft_dtype``, or the target's under ``auto``."""
+        name = self.settings.draft_dtype
+        return self.target.dtype if name == "auto" else getattr(torch, name)
 
     def generate(self, images: ImageLike | Sequence[ImageLike] | None,
                  prompt: str | Messages, *, max_new_tokens: int | None = None,
@@ -202,10 +216,11 @@ def open_model(name: str, model_args: Mapping[str, object]) -> Speculator:
     return Speculator(spec, torch.device(spec.settings.device or default), family)
 
 
-def check_family(path: str | Path, family: str | None, who: str) -> str:
+def check_family(path: str | Path, family: str | None, who: str,
+                 revision: str | None = None) -> str:
     """The family of the target at ``path`` (its ``model_type``), which must be ``family``
     when given, else one of ``FAMILIES``."""
-    found = model_type(path)
+    found = model_type(path, revision)
     if family is not None and found != family:
         raise ValueError(f"{who} needs a {family} target; {path} is a {found} checkpoint")
     if found not in FAMILIES:

@@ -15,10 +15,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from .adapters import HFAdapter, check_same_vocab
+from .adapters.hub import resolve_file
 from .adapters.loading import VLM_FAMILIES
 from .core.generate import GenerationConfig, StepObserver
 from .core.interfaces import Drafter
@@ -106,10 +108,12 @@ class MSD(Method):
         return self.msd_drafter(target), self.tree
 
     def msd_drafter(self, target: HFAdapter) -> MSDDrafter:
+        """The head bound to ``target``, in the target's dtype unless ``draft_dtype`` is set."""
         s = self.settings
+        dtype = None if s.draft_dtype == "auto" else getattr(torch, s.draft_dtype)
         return load_msd_drafter(self.need(s.draft, "draft"), target.model,
                                 cfg=MSDConfig(positions=s.positions),
-                                check_embeddings=s.check_embeddings)
+                                check_embeddings=s.check_embeddings, dtype=dtype)
 
 
 class MSDCalibrated(MSD):
@@ -175,7 +179,7 @@ class Cascade(Method):
             return _model_drafter(target, load, path)
         table = None
         if self.settings.bigram:
-            table = BigramTable.load(Path(self.settings.bigram))
+            table = BigramTable.load(resolve_file(self.settings.bigram))
             table.check_vocab(target.tokenizer, target.vocab_size)
         return MaGDrafter(target.vocab_size, table, MaGConfig(match=self.settings.mag_match))
 

@@ -19,6 +19,7 @@ from transformers import (
 
 from lmms_sd.drafters import msd_format
 from lmms_sd.drafters.msd_format import load_msd_head, save_msd_head
+from lmms_sd.testing.hub_cache import put_in_cache, use_cache
 
 V, H, INTER, HEADS, KV = 48, 32, 64, 4, 2
 SECTION = [2, 1, 1]  # head_dim 8 -> 4 rotary frequencies
@@ -183,16 +184,12 @@ def test_loads_without_stored_embeddings(targets, tmp_path: Path) -> None:
 def test_loads_by_hub_id_through_the_hub_cache(targets, tmp_path: Path, monkeypatch) -> None:
     target = targets["llama"]
     folder = write_published(tmp_path / "hub", "llama", target)
-    asked: list[tuple[str, str]] = []
-
-    def fake_hub_file(repo_id: str, filename: str) -> Path | None:
-        asked.append((repo_id, filename))
-        return folder / filename if (folder / filename).exists() else None
-
-    monkeypatch.setattr(msd_format, "_hub_file", fake_hub_file)
+    put_in_cache(folder, "lucylyn/MSD-LLaVA1.5-7B", tmp_path / "cache")
+    use_cache(monkeypatch, tmp_path / "cache")
     head = load_msd_head("lucylyn/MSD-LLaVA1.5-7B", target)
-    assert ("lucylyn/MSD-LLaVA1.5-7B", "config.json") in asked
     assert torch.equal(head.fc.bias, torch.load(folder / "pytorch_model.bin")["fc.bias"].float())
+    with pytest.raises(FileNotFoundError, match="not in the local cache"):
+        load_msd_head("lucylyn/MSD-LLaVA1.5-13B", target)
 
 
 def test_smaller_checkpoint_vocabulary_masks_the_extra_target_ids(targets, tmp_path: Path) -> None:

@@ -8,10 +8,17 @@ A family adapter supplies three things:
 Every forward goes straight to the *decoder* (the language model inside a VLM) with
 ``inputs_embeds``; the lm_head is applied here. ``hidden`` is the decoder's last hidden state
 after its final norm, i.e. the feature the lm_head reads (what EAGLE and MSD heads consume).
+
+Placement: ``device`` is the device of the input embeddings; under accelerate's ``device_map``
+the layers (and their KV cache) may sit on other GPUs, and logits and features are returned on
+``device``. Attention kernels that cannot take a 4-D tree mask (flash-attention,
+``NO_TREE_MASK``) run prefill and chain steps; a tree-masked step switches the decoder to SDPA
+for that one call (same KV cache layout).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +29,7 @@ from ..core.interfaces import PromptInputs, StepOutput
 from ..core.kv import kv_crop, kv_keep, kv_length
 
 Messages = list[dict[str, Any]]
+NO_TREE_MASK = ("flash",)  # attention implementations (by substring) that ignore 4-D masks
 
 
 class HFAdapter:
@@ -45,7 +53,7 @@ class HFAdapter:
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,11 +175,14 @@ class HFAdapter:
         if attentions and self.decoder.config._attn_implementation != "eager":
             raise ValueError("attentions=True needs attn_implementation='eager', this model uses "
                              f"{self.decoder.config._attn_implementation!r}")
-        out = self.decoder(inputs_embeds=inputs_embeds[None], position_ids=position_ids,
-                           attention_mask=mask, past_key_values=self.cache, use_cache=True,
-                           output_attentions=attentions)
+        with _tree_attention(self.decoder, mask is not None):
+            out = self.decoder(inputs_embeds=inputs_embeds[None], position_ids=position_ids,
+                               attention_mask=mask, past_key_values=self.cache, use_cache=True,
+                               output_attentions=attentions)
         last = out.last_hidden_state[0]  # [Q, H]
-        return StepOutput(logits=self.lm_head(last).float(), hidden=last if hidden else None,
+        logits = self.lm_head(last).float().to(self.device)
+        last = last.to(self.device)
+        return StepOutput(logits=logits, hidden=last if hidden else None,
                           attentions=out.attentions[-1][0].float().mean(0) if attentions else None)
 
     def _format(self, prompt: str | Messages, n_images: int, chat: bool) -> str:
@@ -187,6 +198,20 @@ class HFAdapter:
             prompt = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(prompt, add_generation_prompt=True,
                                                   tokenize=False)
+
+
+@contextmanager
+def _tree_attention(decoder: nn.Module, masked: bool) -> Iterator[None]:
+    """SDPA for one tree-masked call when the decoder's kernel cannot take 4-D masks."""
+    impl = decoder.config._attn_implementation
+    if not masked or not any(name in impl for name in NO_TREE_MASK):
+        yield
+        return
+    decoder.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        decoder.set_attn_implementation(impl)
 
 
 def extend_prompt(prompt: PromptInputs, tokens: Tensor) -> PromptInputs:

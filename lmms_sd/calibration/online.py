@@ -261,7 +261,8 @@ def make_calibrated(drafter: Drafter, settings: CalibratedSettings, tokenizer: A
     tracing = TracingDrafter(drafter, tap)
     calibrator = None
     if settings.calibrator is not None:
-        calibrator = GroupedIsotonicCalibrator.load(settings.calibrator, fingerprint)
+        from ..adapters.hub import resolve_file  # a local file or ORG/NAME/FILE on the hub
+        calibrator = GroupedIsotonicCalibrator.load(resolve_file(settings.calibrator), fingerprint)
     builder = SteeredOptBuilder(tracing, categories, settings.opt_plain, settings.opt_steered,
                                 calibrator, settings.steering, settings.alpha)
     session = CalibrationSession(settings, tracing, builder, categories, fingerprint, calibrator)

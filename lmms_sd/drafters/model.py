@@ -23,11 +23,14 @@ class ModelDrafter:
 
     def __init__(self, adapter: ModelAdapter, *, text_only: bool = False,
                  vocab_size: int | None = None, name: str | None = None):
-        """``vocab_size``: the target's. A draft with a smaller vocabulary (e.g. 32000 against
-        llava-hf's padded 32064) gets -inf logits on the padding ids; a larger one is an error."""
-        if vocab_size is not None and adapter.vocab_size > vocab_size:
-            raise ValueError(f"draft vocabulary ({adapter.vocab_size}) is larger than the "
-                             f"target's ({vocab_size}): they cannot share token ids")
+        """``vocab_size``: the target's logit rows. A draft with fewer rows (e.g. Vicuna's 32000
+        against llava-hf's padded 32064) gets -inf logits on the missing ids; one with more
+        (Qwen2-VL-7B's 152064 under 2B's 151936) has its extra rows dropped: they must be
+        padding, which ``loading.check_same_vocab`` checks against the tokenizers."""
+        tokenizer = getattr(adapter, "tokenizer", None)
+        if vocab_size is not None and tokenizer is not None and len(tokenizer) > vocab_size:
+            raise ValueError(f"the draft tokenizer ({len(tokenizer)} tokens) has ids beyond the "
+                             f"target's {vocab_size} logit rows: they cannot share token ids")
         self.adapter = adapter
         self.text_only = text_only
         self.vocab_size = vocab_size or adapter.vocab_size
@@ -78,7 +81,7 @@ class ModelDrafter:
 
     def _pad(self, logits: Tensor) -> Tensor:  # [..., V_draft] -> [..., V_target]
         extra = self.vocab_size - logits.shape[-1]
-        if extra == 0:
-            return logits
+        if extra <= 0:
+            return logits[..., :self.vocab_size]
         pad = logits.new_full((*logits.shape[:-1], extra), float("-inf"))
         return torch.cat([logits, pad], dim=-1)

@@ -193,11 +193,12 @@ class MSDDrafter:
 
 
 def load_msd_drafter(source: str, target: PreTrainedModel, *, cfg: MSDConfig = MSDConfig(),
-                     check_embeddings: bool = True) -> MSDDrafter:
+                     check_embeddings: bool = True, dtype: torch.dtype | None = None
+                     ) -> MSDDrafter:
     """The head at ``source`` (folder or hub id, published layout) bound to the ``target`` HF
     model, with the target's M-RoPE index when the target is a Qwen2-VL model."""
     from .msd_format import load_msd_head  # deferred: the format module builds on this one
 
-    head = load_msd_head(source, target, check_embeddings=check_embeddings)
+    head = load_msd_head(source, target, check_embeddings=check_embeddings, dtype=dtype)
     is_qwen = getattr(target.config, "model_type", "") == "qwen2_vl"
     return MSDDrafter(head, cfg, qwen2_vl_rope_index(target) if is_qwen else None)

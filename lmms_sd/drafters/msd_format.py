@@ -13,8 +13,8 @@ What the published format is (read from the sources, 2025-05 snapshot of Lyn-Luc
 The Hugging Face repos lucylyn/MSD-LLaVA1.5-7B, -13B and MSD-Qwen2VL-7B-Instruct could not be read
 from here (no hub access); their layout below is inferred from the code that writes and reads them.
 
-Files. A folder (or hub repo) with ``config.json`` and one weight file: ``pytorch_model.bin``
-(a plain ``torch.save`` state dict; MSD's trainer writes it with DeepSpeed's
+Files. A folder (or hub repo, ``lmms_sd.adapters.hub``) with ``config.json`` and one weight
+file: ``pytorch_model.bin`` (a plain ``torch.save`` state dict; MSD's trainer writes it with DeepSpeed's
 ``save_16bit_model``, so bf16 tensors) or, failing that, ``model.safetensors``; the loaders try
 them in that order. EAGLE's loader also reads ``config.json`` for a top-level ``"bias"`` flag
 (fc bias; default true).
@@ -109,34 +109,35 @@ class MSDCheckpoint:
 
 # ---------------------------------------------------------------------------- reading
 
-def _hub_file(repo_id: str, filename: str) -> Path | None:
-    """A file of a hub repo (through the local cache when offline); None if the repo lacks it."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    try:
-        return Path(hf_hub_download(repo_id, filename))
-    except EntryNotFoundError:
-        return None
+def _locate(source: str | Path, revision: str | None = None) -> tuple[Path, Path]:
+    """(config.json, weight file) of a head in a local folder or a hub repo (``ORG/NAME``,
+    ``@REV``), read before any tensor is loaded: a full model given as a head is an error."""
+    from ..adapters.hub import resolve_folder
+    folder = resolve_folder(source, revision)
+    found = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{source} is not an EAGLE/MSD head: {folder} has no {CONFIG_FILE}")
+    if not found:
+        raise FileNotFoundError(f"{source} is not an EAGLE/MSD head: it holds no single "
+                         f"{' or '.join(WEIGHT_FILES)} (a sharded full model?); a draft model "
+                         "goes to the *_sd classes as draft=")
+    _check_head_keys(source, found[0])
+    return folder / CONFIG_FILE, found[0]
 
 
-def _locate(source: str | Path) -> tuple[Path, Path]:
-    """(config.json, weight file) of a local folder or a hub repo id."""
-    folder = Path(source)
-    if folder.is_dir():
-        found = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
-        if not (folder / CONFIG_FILE).is_file() or not found:
-            raise FileNotFoundError(f"{folder} is not an EAGLE/MSD head: it needs {CONFIG_FILE} "
-                                    f"and one of {WEIGHT_FILES}")
-        return folder / CONFIG_FILE, found[0]
-    config = _hub_file(str(source), CONFIG_FILE)
-    weights = [w for w in (_hub_file(str(source), f) for f in WEIGHT_FILES) if w is not None]
-    if config is None or not weights:
-        raise FileNotFoundError(f"hub repo {source} has no {CONFIG_FILE} or none of {WEIGHT_FILES}")
-    return config, weights[0]
+def _check_head_keys(source: str | Path, weights: Path) -> None:
+    """The stored tensor names must be a head's (``fc`` + ``layers.N``), not a model's."""
+    from ..adapters.loading import tensor_shapes
+    keys = set(tensor_shapes(weights.parent))
+    if "fc.weight" not in keys:
+        example = sorted(keys)[:3]
+        raise ValueError(f"{source} is not an EAGLE/MSD head (no fc.weight; stored tensors such "
+                         f"as {example}): a draft model goes to the *_sd classes as draft=, an "
+                         "MSD head to the *_msd classes as msd_model_path=")
 
 
-def read_checkpoint(source: str | Path) -> MSDCheckpoint:
-    config_path, weight_path = _locate(source)
+def read_checkpoint(source: str | Path, revision: str | None = None) -> MSDCheckpoint:
+    config_path, weight_path = _locate(source, revision)
     config = json.loads(config_path.read_text())
     if weight_path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -262,15 +263,17 @@ def build_head(ckpt: MSDCheckpoint, target: PreTrainedModel, *, check_embeddings
                    vocab_limit=ckpt.config.get("vocab_size"), positions=checkpoint_positions(ckpt))
     _check_keys(ckpt, head, weights)
     head.load_state_dict(weights, strict=True)
-    return head.to(device=lm_head.weight.device, dtype=dtype or lm_head.weight.dtype).eval()
+    # on the device of the target's input embeddings (the drafter's device under a device_map)
+    return head.to(device=embed.weight.device, dtype=dtype or lm_head.weight.dtype).eval()
 
 
 def load_msd_head(source: str | Path, target: PreTrainedModel, *, check_embeddings: bool = True,
-                  dtype: torch.dtype | None = None) -> MSDHead:
+                  dtype: torch.dtype | None = None, revision: str | None = None) -> MSDHead:
     """Load a head from a local folder or a hub repo id and bind it to ``target`` (an HF
-    LLaVA or Qwen2-VL model). Raises a ValueError naming the mismatch when it does not fit."""
-    return build_head(read_checkpoint(source), target, check_embeddings=check_embeddings,
-                      dtype=dtype)
+    LLaVA or Qwen2-VL model); ``dtype`` None: the target's. Raises a ValueError naming the
+    mismatch when it does not fit."""
+    return build_head(read_checkpoint(source, revision), target,
+                      check_embeddings=check_embeddings, dtype=dtype)
 
 
 def new_msd_head(target: PreTrainedModel, *, num_layers: int = 1, fc_bias: bool = True,

@@ -171,7 +171,8 @@ class MSDHead(nn.Module):
 
     def logits(self, features: Tensor) -> Tensor:  # [..., H] -> [..., V]
         weight = self.target.lm_head.weight.detach()  # frozen: no gradient reaches the target
-        out = F.linear(features.to(weight.dtype), weight)
+        # under a device_map the lm_head may sit on another GPU than the head
+        out = F.linear(features.to(weight.device, weight.dtype), weight).to(features.device)
         if self.vocab_limit is not None:
             out = out.clone()
             out[..., self.vocab_limit:] = float("-inf")

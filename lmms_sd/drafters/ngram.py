@@ -102,8 +102,10 @@ class MaGDrafter:
         self.forwards = 0
         self._history = torch.zeros(0, dtype=torch.long)
         self._paths: list[list[int]] = []  # per expanded node of this step: its path from the root
+        self._device = torch.device("cpu")  # the prompt's (the target's): where logits go
 
     def begin(self, prompt: PromptInputs, target_prefill: StepOutput) -> None:
+        self._device = prompt.input_ids.device
         self._history = prompt.text_only_ids().detach().to("cpu", torch.long).flatten()
         self._paths = []
 
@@ -134,4 +136,4 @@ class MaGDrafter:
     def _one_hot(self, proposals: list[int]) -> Tensor:  # [m, V]: 0 at the proposal, -inf elsewhere
         rows = torch.full((len(proposals), self.vocab_size), float("-inf"))
         rows[torch.arange(len(proposals)), torch.tensor(proposals, dtype=torch.long)] = 0.0
-        return rows
+        return rows.to(self._device)

@@ -30,7 +30,8 @@ T = TypeVar("T")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 # ---------------------------------------------------------------------------- model_args
@@ -39,15 +40,24 @@ DTYPES = ("float32", "bfloat16", "float16")
 class CommonArgs:
     """Settings of every speculative model class (``llava_sd``, ``qwen2_vl_msd``, ...).
 
-    pretrained:      the target checkpoint (a directory saved with ``save_pretrained``).
+    pretrained:      the target checkpoint: a folder saved with ``save_pretrained`` or a hub id
+                     ``ORG/NAME`` (every model argument also takes ``ORG/NAME@REV``).
+    revision:        the hub revision (branch, tag or commit) of ``pretrained``.
     sd:              ``off`` decodes autoregressively through the very same wrapper.
     baseline:        also decode every request autoregressively and report the speedup and the
                      number of greedy text mismatches (a losslessness check).
     max_new_tokens:  used when a task's ``gen_kwargs`` set none.
     seed:            sampling seed; request ``doc_id`` is added so each request is reproducible.
-    dtype:           ``float32``, ``bfloat16`` or ``float16`` (target and drafts).
-    attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``, ...).
+    dtype:           ``auto`` (float32 on the CPU, the checkpoint's ``torch_dtype`` on a GPU),
+                     ``float32``, ``bfloat16`` or ``float16``: the target's.
+    draft_dtype:     ``auto`` (the target's dtype) or one of the above: drafts and heads.
+    attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``,
+                     ``flash_attention_2``: tree-masked steps then run through SDPA).
     device:          ``cpu``, ``cuda``, ``cuda:1``; default: the process's GPU, else the CPU.
+    device_map:      ``auto`` (or ``balanced``, ``sequential``): accelerate spreads the target
+                     over this process's GPUs (all of them in one process, an equal share of
+                     the node's GPUs per process under ``--num_processes N``); drafters sit on
+                     the device of the target's input embeddings.
     stats_path:      per-sample JSONL of speed statistics; default: beside lmms-eval's results.
     batch_size:      must be 1 (speculative decoding here is per request).
     max_batch_size:  accepted from the lmms-eval CLI and unused.
@@ -60,9 +70,12 @@ class CommonArgs:
     baseline: bool = False
     max_new_tokens: int = 256
     seed: int = 0
-    dtype: str = "float32"
+    revision: str | None = None
+    dtype: str = "auto"
+    draft_dtype: str = "auto"
     attn_implementation: str | None = None
     device: str | None = None
+    device_map: str | None = None
     stats_path: str | None = None
     batch_size: int = 1
     max_batch_size: int | None = None
@@ -75,8 +88,11 @@ class CommonArgs:
         if self.baseline and not self.sd:
             raise ValueError("baseline=true compares speculative decoding with autoregressive "
                              "decoding; with sd=off there is nothing to compare")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for key in ("dtype", "draft_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"device_map must be one of {DEVICE_MAPS}, got {self.device_map!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.image_aspect_ratio is not None:

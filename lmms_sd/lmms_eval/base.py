@@ -18,6 +18,7 @@ Errors propagate: a request that fails to decode fails the run.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,8 +75,10 @@ class SpeculativeLMM(lmms):
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device = _pick_device(self.settings.device, self.accelerator)
-        self.decoder = Speculator(spec, self._device, self.family)
+        memory = process_max_memory(self.accelerator) if self.settings.device_map else None
+        self.decoder = Speculator(spec, self._device, self.family, max_memory=memory)
         self.target, self.drafter = self.decoder.target, self.decoder.drafter
+        self._device = self.decoder.device  # the target's input embeddings' (device_map)
         self._clipped_tasks: set[str] = set()
 
     # ------------------------------------------------------------------ lmms-eval API
@@ -187,6 +190,26 @@ def _pick_device(requested: str | None, accelerator: Accelerator) -> torch.devic
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", accelerator.local_process_index)
     return device
+
+
+def gpu_share(local_rank: int, local_processes: int, gpus: int) -> list[int]:
+    """The GPUs process ``local_rank`` of ``local_processes`` on a node owns: an equal,
+    contiguous share of the node's ``gpus``."""
+    share = gpus // local_processes
+    if share == 0:
+        raise ValueError(f"device_map with {local_processes} processes on a node needs at least "
+                         f"one GPU per process; {gpus} visible")
+    return list(range(local_rank * share, (local_rank + 1) * share))
+
+
+def process_max_memory(accelerator: Accelerator) -> dict[int | str, int] | None:
+    """accelerate's ``max_memory`` limited to this process's GPUs (free memory of each); None
+    without GPUs (``device_map`` then places everything on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    owned = gpu_share(accelerator.local_process_index, local, torch.cuda.device_count())
+    return {i: torch.cuda.mem_get_info(i)[0] for i in owned}
 
 
 def _images(visuals: Any, where: str) -> list[Image.Image]:

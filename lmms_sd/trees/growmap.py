@@ -156,4 +156,6 @@ def save_growmap(shape: TreeShape, path: str | Path) -> None:
 
 
 def load_growmap(path: str | Path) -> TreeShape:
-    return from_growmap(torch.load(path, map_location="cpu", weights_only=True))
+    """A growmap file, local or ``ORG/NAME/FILE`` on the hub."""
+    from ..adapters.hub import resolve_file
+    return from_growmap(torch.load(resolve_file(path), map_location="cpu", weights_only=True))
