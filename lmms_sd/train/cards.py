@@ -16,8 +16,8 @@ def _what(family: str, role: str, arch: dict) -> str:
     lm = f"{arch['layers']}-layer, width-{arch['width']}, {arch['heads']}-head"
     if role == "target":
         vision = f"{arch['vision_layers']}-layer width-{arch['vision_width']} vision tower"
-        return (f"A tiny {name} target VLM trained from scratch on the synthetic shapes task: "
-                f"a {vision} and a {lm} language model.")
+        return (f"A tiny {name} target VLM trained on the synthetic shapes task: a {vision} "
+                f"and a {lm} language model.")
     if role == "draft_vlm":
         return (f"A draft VLM for the shapes {name} target: the same family, vision config and "
                 f"processor (it accepts the target's inputs unchanged) with a {lm} language "
@@ -62,6 +62,32 @@ def _stage1(stage: dict | None) -> list[str]:
             "training on every topic from the start left at chance)"]
 
 
+def _later(entry: dict) -> list[str]:
+    """A later stage of a trained role: the target deepened, or a draft continued."""
+    if "deepen" in entry:
+        d = entry["deepen"]
+        opt, train = d["train"]["optim"], d["train"]
+        return ["", "### Deepened", "",
+                f"- then grown from {d['from_layers']} to {d['layers']} decoder layers (the real "
+                f"model's depth): the trained layers at {d['trained_layers_at']}, the others "
+                f"inserted as {d['inserted']}",
+                f"- {opt['steps']} steps x batch {opt['batch_size']}, lr {opt['lr']}, "
+                f"{opt['warmup_steps']} warmup steps, seed {opt['seed']}, final loss "
+                f"{train['final_loss']:.4f}, {train['train_seconds'] / 60:.1f} min "
+                f"({d['environment']['threads']} torch thread(s))",
+                f"- command: `{d['command']}`"]
+    if "continued" in entry:
+        c = entry["continued"]
+        opt, train = c["train"]["optim"], c["train"]
+        return ["", "### Continued", "",
+                f"- then distilled further against {c['against']} from these weights: "
+                f"{opt['steps']} steps x batch {opt['batch_size']}, lr {opt['lr']}, final loss "
+                f"{train['final_loss']:.4f}, {train['train_seconds'] / 60:.1f} min "
+                f"({c['environment']['threads']} torch thread(s))",
+                f"- command: `{c['command']}`"]
+    return []
+
+
 def model_card(metrics: dict, role: str) -> str:
     """The markdown card of one role of one family."""
     family, entry = metrics["family"], metrics["models"][role]
@@ -101,6 +127,7 @@ def model_card(metrics: dict, role: str) -> str:
         f"on a shared 2-core CPU ({entry['environment']['threads']} torch thread(s))",
         *_stage1(entry.get("stage1")),
         f"- command: `{entry['command']}`",
+        *_later(entry),
         "", "## Measured", "",
         *_figures(family, role, entry, metrics["k"]),
         f"- evaluation items: {metrics['eval_items']}",

@@ -200,7 +200,6 @@ def train_draft_stage(recipe: Recipe, out: Path, role: str) -> dict:
                   else (recipe.text_only, recipe.text_only_optim))
     if recipe.warm_start:  # continue from the saved draft (e.g. after the target deepened)
         draft = load_adapter(out / role, role="draft").model
-        init = {"warm_start": str(out / role)}
     else:
         draft = (build_vlm(recipe.family, tok, shape, cfg.seed) if role == "draft_vlm"
                  else build_text_lm(recipe.family, tok, shape, cfg.seed))
@@ -209,9 +208,15 @@ def train_draft_stage(recipe: Recipe, out: Path, role: str) -> dict:
                            checkpoint=_checkpoint(out, role))
     _save(draft, processor if role == "draft_vlm" else tok, out / role)
     _checkpoint(out, role).unlink()
+    if recipe.warm_start:  # the first training's record stays; this one is added beside it
+        return {"continued": {"against": _target_summary(target), "train": record}}
     lm_params = count_parameters(draft) if role == "text_only" else _language_parameters(draft)
     return {"architecture": shape.to_dict(), "parameters": count_parameters(draft),
             "language_model_parameters": lm_params, "init_from_target": init, "train": record}
+
+
+def _target_summary(target: PreTrainedModel) -> str:
+    return f"the {target.config.text_config.num_hidden_layers}-layer target"
 
 
 def evaluate_stage(recipe: Recipe, out: Path) -> dict[str, dict]:
@@ -245,10 +250,14 @@ def run(recipe: Recipe, out: Path, stages: Sequence[str], command: str) -> dict:
             entry = train_target_stage(recipe, out)
         elif stage == "deepen":
             entry = deepen_stage(recipe, out)
-            stage = "target"
         else:
             entry = train_draft_stage(recipe, out, stage)
-        update_metrics(out, {stage: {**entry, "command": command, "environment": env}})
+        later = next((k for k in ("deepen", "continued") if k in entry), None)
+        if later is None:  # a first training: the command and environment of the role
+            entry.update(command=command, environment=env)
+        else:  # a later stage of a trained role: its own command, the first one's kept
+            entry[later].update(command=command, environment=env)
+        update_metrics(out, {"target" if stage == "deepen" else stage: entry})
     if _checkpoint(out, "target").parent.is_dir():  # empty once every stage has finished
         _checkpoint(out, "target").parent.rmdir()
     return update_metrics(out, evaluate_stage(recipe, out), family=recipe.family, k=recipe.k,
