@@ -10,9 +10,12 @@ It launches the real harness (``accelerate launch -m lmms_eval`` through
 ``baseline=true`` so the same process also decodes every request autoregressively, then reads
 the results JSON and prints accuracy and speed side by side.
 
-The demo's tree is a chain of 4 (``tree=chain,tree.k=4``): on a CPU a tiny draft's forward costs
-almost as much as the tiny target's, so wide trees (MSD's default 59 nodes) accept more tokens
-per step (tau) but lose on wall time there. ``--model-args`` replaces the demo's tree settings.
+The demo's tree is ``tree=auto``: at start-up the model class times the target's forwards of
+1..64 tokens and the drafter's calls, measures the acceptance of the first request on a probe
+tree, and picks the tree kind and size with the most expected tokens per second
+(``lmms_sd/trees/auto.py``; the choice is logged and lands in the results' throughput section
+and the per-sample JSONL). ``--model-args`` replaces the demo's tree settings, e.g.
+``tree=chain,tree.k=4``.
 """
 from __future__ import annotations
 
@@ -38,13 +41,13 @@ def family_of(model: str) -> str:
 
 
 def default_model_args(model: str) -> str:
-    """A 4-token chain; the calibrated classes (their tree is the calibrated OPT-Tree) take the
+    """The planned tree (``tree=auto``); the calibrated classes (their tree is the calibrated OPT-Tree) take the
     shipped calibrator instead (offline mode: every request is measured)."""
     if model.endswith("_calibrated"):
         from .assets import shipped_calibrator
 
         return f"cal.calibrator={shipped_calibrator(family_of(model))}"
-    return "tree=chain,tree.k=4"
+    return "tree=auto"
 
 
 def command(model: str, tasks: str, limit: int | None, out: Path, processes: int,
@@ -108,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="documents per task (0: all)")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--model-args", default=None, help="extra model_args (default: "
-                    "tree=chain,tree.k=4; cal.calibrator=<shipped> for the calibrated classes)")
+                    "tree=auto; cal.calibrator=<shipped> for the calibrated classes)")
     ap.add_argument("--out", default="runs/demo")
     args = ap.parse_args(argv)
     out = Path(args.out)

@@ -88,3 +88,39 @@ def test_cost_curve_interpolates_and_extrapolates() -> None:
 def test_bad_acceptance_names_the_problem() -> None:
     with pytest.raises(ValueError, match="summing to at most 1"):
         plan_tree((0.9, 0.5), StepCosts(flat(T1), flat(0.0)))
+
+
+def test_auto_settings_and_the_special_cases_by_name() -> None:
+    from lmms_sd.trees import auto_config
+    from lmms_sd.trees.auto import MSD_TOTALS
+
+    assert auto_config("chain", k=3) is None
+    msd = auto_config("dynamic", total_tokens="-1", depth="4")
+    assert msd.space().kinds == ("dynamic",) and msd.space().dynamic_totals == MSD_TOTALS
+    assert msd.dynamic_depth == 4
+    sequoia = auto_config("static", budget="-1", max_depth="5")
+    assert sequoia.space().kinds == ("static",) and sequoia.max_depth == 5
+    assert auto_config("auto", max_nodes="32").max_nodes == 32
+    with pytest.raises(ValueError, match="unknown parameter 'k'"):
+        auto_config("auto", k="3")
+    with pytest.raises(ValueError, match="unknown kinds"):
+        auto_config("auto", kinds="chain;bush")
+
+
+def test_probe_shape_and_rank_counter() -> None:
+    import torch
+
+    from lmms_sd.core.tree import DraftTree
+    from lmms_sd.core.verify import Verdict
+    from lmms_sd.lmms_eval.autotree import RankCounter
+    from lmms_sd.trees.auto import probe_shape
+
+    shape = probe_shape(width=3, depth=2)  # root -> 0 1 2 ; node 0 -> 3 4 5
+    assert shape.parents == (-1, -1, -1, 0, 0, 0)
+    tree = DraftTree(torch.arange(6), torch.tensor(shape.parents))
+    counter = RankCounter(3)
+    counter(tree, torch.zeros(7, 8), Verdict([0, 4], 9))  # rank 0, then rank 1 (a leaf)
+    counter(tree, torch.zeros(7, 8), Verdict([], 9))      # nothing accepted at the root
+    counter(tree, torch.zeros(7, 8), Verdict([2], 9))     # rank 2 (a leaf)
+    assert counter.counts == [1, 1, 1] and counter.visits == 4
+    assert counter.acceptance() == (0.25, 0.25, 0.25)

@@ -7,10 +7,15 @@ One request, in order:
   3. settings  ``gen_kwargs`` -> ``GenerationConfig`` (max_new_tokens, temperature, top_p, top_k,
                do_sample, until; num_beams > 1 is an error)
   4. decode    the core loop with the method's drafter and tree builder (none with ``sd=off``)
-  5. baseline  with ``baseline=true`` the same prompt again, autoregressively
+  5. baseline  with ``baseline=true`` the same prompt again, autoregressively; the order of the
+               two alternates from request to request, so neither side always runs warm
   6. record    per-request statistics; after the last request every rank gathers them and
                rank 0 reports them to lmms-eval and writes the per-sample JSONL (``speed.py``)
 Requests the evaluator adds only to even out ranks (``__padding_only__``) are not decoded.
+Before the first request is timed, it is decoded once untimed (both ways with ``baseline=true``):
+a warm-up. With ``tree=auto`` (or MSD's ``tree=dynamic,tree.total_tokens=-1``, Sequoia's
+``tree=static,tree.budget=-1``) that warm-up is the start-up measurement that picks the tree
+(``autotree.py``); the choice goes into every record and the throughput section.
 Errors propagate: a request that fails to decode fails the run.
 """
 from __future__ import annotations
@@ -32,8 +37,9 @@ from ..adapters import HFAdapter, load_adapter
 from ..core.generate import GenerationConfig, StepObserver, generate
 from ..core.generate import GenerationResult as CoreResult
 from ..core.interfaces import Drafter, PromptInputs
-from ..trees import TreeBuilder, make_builder
+from ..trees import AutoConfig, TreeBuilder, auto_config, make_builder
 from .args import CommonArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
+from .autotree import StartUp, plan_at_startup
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
 
 
@@ -60,6 +66,10 @@ class SpeculativeLMM(lmms):
     family: ClassVar[str] = ""
     Args: ClassVar[type[CommonArgs]] = CommonArgs
     GROUPS: ClassVar[tuple[str, ...]] = ("tree",)
+    auto: AutoConfig | None = None    # tree=auto: the builder is planned at start-up
+    startup: StartUp | None = None    # what that start-up measured and chose
+    _warm: bool = False
+    _served: int = 0
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str,
@@ -88,7 +98,8 @@ class SpeculativeLMM(lmms):
     # ------------------------------------------------------------------ method hooks
     def configure(self) -> None:
         """Check the method's own settings before anything is loaded (default: the tree)."""
-        self.tree = make_builder(self.settings.tree, **self.groups["tree"])
+        self.auto = auto_config(self.settings.tree, **self.groups["tree"])
+        self.tree = None if self.auto else make_builder(self.settings.tree, **self.groups["tree"])
 
     def make_decoder(self) -> tuple[Drafter, TreeBuilder]:
         """The drafter and the tree builder (``sd=on`` only)."""
@@ -125,6 +136,9 @@ class SpeculativeLMM(lmms):
         records: list[Record] = []
         if self.drafter is not None:
             self.plan([req.task_name for req in requests if not _padding(req)])
+        first = next((req for req in requests if not _padding(req)), None)
+        if first is not None and not self._warm:
+            self._warm_up(first)
         for req in tqdm(requests, disable=self.rank != 0, desc=f"{type(self).__name__}"):
             if _padding(req):
                 out.append(GenerationResult(text="", token_counts=None))  # discarded by lmms-eval
@@ -143,21 +157,45 @@ class SpeculativeLMM(lmms):
         raise NotImplementedError(f"{type(self).__name__} does not support multi-round tasks")
 
     # ------------------------------------------------------------------ one request
-    def _respond(self, req: Instance) -> tuple[str, Record, TokenCounts]:
+    def _warm_up(self, req: Instance) -> None:
+        """Decode ``req`` once, untimed and unrecorded; with ``tree=auto`` this plans the tree."""
+        inputs, prompt, cfg = self._prepare(req)
+        if self.drafter is not None and self.auto is not None:
+            self.startup, self.builder = plan_at_startup(self.target, self.drafter, prompt, cfg,
+                                                         self.auto, self.target.decode)
+            eval_logger.info(f"tree=auto chose {self.startup.plan.spec}: {self.startup.to_dict()}")
+        elif self.drafter is not None:
+            self._decode(prompt, cfg, self.drafter)
+        if self.drafter is None or self.settings.baseline:
+            self._decode(prompt, cfg, None)
+        self._warm = True
+
+    def _prepare(self, req: Instance) -> tuple[RequestInputs, PromptInputs, GenerationConfig]:
         inputs = self._request_inputs(req)                                          # 1.
-        task, doc_id, gen_kwargs = inputs.task, inputs.doc_id, inputs.gen_kwargs
         prompt = self.target.prepare(inputs.prompt, inputs.images)                  # 2.
-        cfg = generation_config(gen_kwargs, default_max_new_tokens=self.settings.max_new_tokens,
+        cfg = generation_config(inputs.gen_kwargs,
+                                default_max_new_tokens=self.settings.max_new_tokens,
                                 eos_token_ids=self.target.eos_token_ids,
-                                seed=self.settings.seed + doc_id)                    # 3.
+                                seed=self.settings.seed + inputs.doc_id)             # 3.
+        return inputs, prompt, cfg
+
+    def _respond(self, req: Instance) -> tuple[str, Record, TokenCounts]:
+        inputs, prompt, cfg = self._prepare(req)                                     # 1.-3.
+        task, doc_id, gen_kwargs = inputs.task, inputs.doc_id, inputs.gen_kwargs
+        ar_first = self.settings.baseline and self._served % 2 == 1                 # 5. order
+        self._served += 1
+        early = self._decode(prompt, cfg, None) if ar_first else None
         observer = self.start_request(task, cfg) if self.drafter is not None else None
         text, result = self._decode(prompt, cfg, self.drafter, observer)           # 4.
         extras = self.request_extras() if self.drafter is not None else {}
+        if self.startup is not None:
+            extras = {"tree": self.startup.to_dict(), **extras}
         record: Record = {"task": task, "doc_id": doc_id, "rank": self.rank,
                           "greedy": cfg.sampling.greedy, "stats": sample_stats(result),
-                          **extras, "baseline": None, "text_match": None}
+                          **extras, "baseline": None, "text_match": None,
+                          "baseline_first": ar_first}
         if self.settings.baseline and extras.get("measured", True):                # 5.
-            base_text, base = self._decode(prompt, cfg, None)
+            base_text, base = early or self._decode(prompt, cfg, None)
             record["baseline"] = sample_stats(base)
             if cfg.sampling.greedy:
                 record["text_match"] = text == base_text
@@ -196,7 +234,7 @@ class SpeculativeLMM(lmms):
         everyone = gather(records)
         if not self.accelerator.is_main_process:
             return
-        log_speed(everyone)
+        log_speed(everyone, self.startup.metrics() if self.startup is not None else None)
         path = Path(self.settings.stats_path) if self.settings.stats_path else results_dir_jsonl()
         if path is not None:
             write_jsonl(path, everyone)

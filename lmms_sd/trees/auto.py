@@ -7,12 +7,13 @@ Model of one decode step with a tree of N draft nodes and depth D:
   tokens per step   1 + E[accepted], E[accepted] under Sequoia's positional acceptance model
                     (``sequoia_dp.py``): the rank-r child of an accepted node is the one accepted
                     with probability ``acceptance[r]``
-  seconds per step  verify(N + 1) + draft cost + overhead, where
+  seconds per step  verify(N + 1) + draft cost + overhead + N x overhead per node, where
                     verify(n)   one target forward of n tokens (the root and N nodes)
                     draft cost  one draft forward of one row (the commit that yields the root's
                                 scores) + one forward per expanded level, of as many rows as the
                                 level expands: sum of draft(width)
-                    overhead    the loop's own seconds per step (tree building, verification, ...)
+                    overhead    the loop's own seconds per step (verification, emitting, ...) and
+                                per draft node (tree building)
 Candidates, by kind (``kinds``):
   chain     k = 1..max_depth
   static    Sequoia's DP optimum for every (nodes, depth) with nodes <= max_nodes - 1 and
@@ -77,11 +78,12 @@ class CostCurve:
 @dataclass(frozen=True)
 class StepCosts:
     """verify: the target forward of n tokens; draft: one draft forward of n rows; overhead:
-    seconds per step beyond both."""
+    seconds per step beyond both, and ``per_node`` more for each draft node."""
 
     verify: CostCurve
     draft: CostCurve
     overhead: float = 0.0
+    per_node: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class SearchSpace:
     max_depth: int = 8
     top_k: int = 10              # dynamic trees
     dynamic_totals: tuple[int, ...] = (8, 16, 24, 32, 39, 47, 55, 59)
+    dynamic_depth: int = 0       # 0: every depth 1..max_depth - 1
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in KINDS]
@@ -144,7 +147,8 @@ def level_rows(shape: TreeShape) -> tuple[int, ...]:
 
 
 def step_seconds(nodes: int, rows: Sequence[int], costs: StepCosts) -> float:
-    return costs.verify(nodes + 1) + sum(costs.draft(r) for r in rows) + costs.overhead
+    return (costs.verify(nodes + 1) + sum(costs.draft(r) for r in rows) + costs.overhead
+            + costs.per_node * nodes)
 
 
 def candidates(acceptance: Sequence[float], costs: StepCosts, space: SearchSpace) -> list[TreePlan]:
@@ -160,7 +164,8 @@ def candidates(acceptance: Sequence[float], costs: StepCosts, space: SearchSpace
                                 step_seconds(k, rows, costs), rows))
     value = None
     if "static" in space.kinds or "dynamic" in space.kinds:
-        value, best_b, best_y = _tables(np.asarray(acc), budget + 1, space.max_depth + 1)
+        levels = max(space.max_depth, space.dynamic_depth + 1) + 1
+        value, best_b, best_y = _tables(np.asarray(acc), budget + 1, levels)
     if "static" in space.kinds:
         for depth in range(1, space.max_depth + 1):
             for m in range(1, budget + 1):
@@ -176,7 +181,8 @@ def candidates(acceptance: Sequence[float], costs: StepCosts, space: SearchSpace
                 out.append(TreePlan("static", params, m, depth, float(v - 1.0),
                                     step_seconds(m, rows, costs), rows))
     if "dynamic" in space.kinds:
-        for depth in range(1, space.max_depth):
+        depths = [space.dynamic_depth] if space.dynamic_depth else range(1, space.max_depth)
+        for depth in depths:
             for total in space.dynamic_totals:
                 if total > budget:
                     continue
@@ -203,3 +209,52 @@ def plan_tree(acceptance: Sequence[float], costs: StepCosts,
     if not found:
         raise ValueError(f"auto tree: no candidate in {space}")
     return max(found, key=lambda p: (round(p.tokens_per_second, 9), -p.nodes))
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """``tree=auto`` settings (``tree.<key>=``); lists are ``;``-separated.
+
+    kinds:          the kinds to choose among (``chain;static;dynamic``)
+    max_nodes:      most tokens one verify forward may hold, the root included
+    max_depth:      deepest draft node
+    top_k:          children per expanded node of a dynamic tree
+    dynamic_depth:  a fixed dynamic-tree depth (0: choose it)
+    dynamic_totals: the dynamic-tree sizes (draft nodes) to choose among
+    acceptance:     a given rank-acceptance vector instead of the probe's measurement
+    probe_width:    children per node on the probe tree's spine (ranks measured)
+    """
+
+    kinds: str = ";".join(KINDS)
+    max_nodes: int = 64
+    max_depth: int = 8
+    top_k: int = 10
+    dynamic_depth: int = 0
+    dynamic_totals: str = "8;16;24;32;39;47;55;59"
+    acceptance: str = ""
+    probe_width: int = 4
+
+    def __post_init__(self) -> None:
+        self.space()  # fails early on bad kinds or sizes
+        if self.probe_width < 1 or self.dynamic_depth < 0:
+            raise ValueError(f"auto tree: probe_width must be >= 1 and dynamic_depth >= 0, got "
+                             f"{self.probe_width}, {self.dynamic_depth}")
+
+    def space(self) -> SearchSpace:
+        totals = tuple(int(t) for t in self.dynamic_totals.replace(",", ";").split(";") if t)
+        return SearchSpace(tuple(k for k in self.kinds.replace(",", ";").split(";") if k),
+                           self.max_nodes, self.max_depth, self.top_k, totals,
+                           self.dynamic_depth)
+
+
+def probe_shape(width: int, depth: int) -> TreeShape:
+    """The probe tree: a spine of rank-0 nodes ``depth`` deep, each slot on it with ``width``
+    ranked children, so every step measures which rank (if any) the target accepts at each
+    spine slot it reaches."""
+    parents: list[int] = []
+    spine = -1
+    for _ in range(depth):
+        first = len(parents)
+        parents += [spine] * width
+        spine = first
+    return TreeShape(tuple(parents))
