@@ -27,11 +27,12 @@ def sync(device: torch.device) -> None:
 
 
 class Timer:
-    """Wall seconds and call counts per named part; ``timed`` wraps a callable. ``rows``
-    keeps, per part, (rows of the first tensor argument, seconds) of each call."""
+    """Seconds (of ``clock``: wall by default, ``time.thread_time`` for CPU time) and call counts
+    per named part; ``timed`` wraps a callable. ``rows`` keeps, per part, (rows of the first
+    tensor argument, seconds) of each call."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter):
+        self.device, self.clock = device, clock
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.rows: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -40,10 +41,10 @@ class Timer:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             sync(self.device)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             out = fn(*args, **kwargs)
             sync(self.device)
-            elapsed = time.perf_counter() - t0
+            elapsed = self.clock() - t0
             self.seconds[part] += elapsed
             self.calls[part] += 1
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)

@@ -14,6 +14,8 @@ Per setting, medians over ``--rounds`` passes (settings interleaved in each):
   efficiency        (forward share of the loop) / (forward share of the autoregressive loop):
                     achieved / ideal speedup with ideal = tokens per forward x t1 / t_verify,
                     t1 and t_verify taken from the forwards of the loops themselves
+and a profiled pass splits the overhead per step as ``efficiency.py`` does (cache edits, mask
+building, verification, drafter, tree building, the rest), in CPU time too.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from typing import Any
 
 import torch
 
+from ..adapters.timing import Timer, TimedProxy
 from ..core.generate import GenerationConfig, generate
 from ..trees import make_builder
+from .efficiency import DRAFTER_PARTS, PARTS, TARGET_PARTS, breakdown, timed_loop_functions
 from .oracle import OracleDrafter
 
 
@@ -68,6 +72,28 @@ def one_pass(target: Any, prompts: Sequence[Any], refs: list[list[int]], gen: Ge
     return {"forward": timed.forward_s / steps, "loop": decode_s / steps}
 
 
+def profiled_pass(target: Any, prompts: Sequence[Any], refs: list[list[int]],
+                  gen: GenerationConfig, alpha: float | None, k: int) -> dict[str, float]:
+    """CPU milliseconds per decode step of each part (``efficiency.PARTS``)."""
+    timer = Timer(torch.device("cpu"), clock=time.thread_time)
+    decode_s, steps = 0.0, 0
+    for i, prompt in enumerate(prompts):
+        drafter = None if alpha is None else OracleDrafter(refs[i], alpha, target.vocab_size, i)
+        builder = None if alpha is None else make_builder("chain", k=k)
+        model = TimedProxy(target, timer, {**TARGET_PARTS, "prefill": "prefill"})
+        if drafter is not None:
+            drafter = TimedProxy(drafter, timer, DRAFTER_PARTS)
+            builder = timer.timed("builder", builder)
+        prefill0 = timer.seconds["prefill"]
+        with timed_loop_functions(timer):
+            t0 = time.thread_time()
+            res = generate(model, prompt, gen, drafter, builder)
+            decode_s += time.thread_time() - t0
+        decode_s -= timer.seconds["prefill"] - prefill0
+        steps += res.stats.decode_steps
+    return breakdown(timer, decode_s, steps)
+
+
 def measure(target: Any, prompts: Sequence[Any], ks: Sequence[int], alphas: Sequence[float],
             rounds: int, max_new_tokens: int) -> list[dict[str, Any]]:
     gen = GenerationConfig(max_new_tokens=max_new_tokens)  # no EOS: fixed length
@@ -79,12 +105,13 @@ def measure(target: Any, prompts: Sequence[Any], ks: Sequence[int], alphas: Sequ
             samples[s].append(one_pass(target, prompts, refs, gen, *s))
     rows = []
     for (alpha, k), runs in samples.items():
+        parts = profiled_pass(target, prompts, refs, gen, alpha, k)
         runs = runs[1:]
         fwd = statistics.median(r["forward"] for r in runs)
         loop = statistics.median(r["loop"] for r in runs)
         rows.append({"setting": "ar" if alpha is None else f"oracle a={alpha:g} k={k}",
                      "forward_ms": 1e3 * fwd, "loop_ms": 1e3 * loop,
-                     "overhead_ms": 1e3 * (loop - fwd), "share": fwd / loop})
+                     "overhead_ms": 1e3 * (loop - fwd), "share": fwd / loop, "parts_ms": parts})
     for r in rows:
         r["efficiency"] = r["share"] / rows[0]["share"]
     return rows
@@ -114,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for r in rows:
         print(f"| {r['setting']} | {r['forward_ms']:.3f} | {r['loop_ms']:.3f} | "
               f"{r['overhead_ms']:.3f} | {r['efficiency']:.3f} |")
+    print("\nProfiled pass, CPU ms per step\n")
+    print("| setting | " + " | ".join(PARTS) + " |\n|" + "---|" * (len(PARTS) + 1))
+    for r in rows:
+        print(f"| {r['setting']} | " + " | ".join(f"{r['parts_ms'][p]:.3f}" for p in PARTS) + " |")
     return rows
 
 
