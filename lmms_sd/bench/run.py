@@ -191,7 +191,8 @@ def _row(name: str, walls: list[float], records: list[dict] | None, outputs: lis
         sizes = [n for r in records for n in r["stats"]["tree_size_per_step"]]
         if sizes and row["tau"]:
             mean = sum(sizes) / len(sizes)
-            row["ceiling"] = row["tau"] * costs(1) / costs(mean + 1)
+            row["verify_over_t1"] = costs(mean + 1) / costs(1)
+            row["ceiling"] = row["tau"] / row["verify_over_t1"]
     if plan is not None:
         row["planned_tree"] = plan["tree"]
     return row
