@@ -90,7 +90,7 @@ class StepCosts:
 class SearchSpace:
     kinds: tuple[str, ...] = KINDS
     max_nodes: int = 64          # verified tokens, the root included
-    max_depth: int = 8
+    max_depth: int = 12
     top_k: int = 10              # dynamic trees
     dynamic_totals: tuple[int, ...] = (8, 16, 24, 32, 39, 47, 55, 59)
     dynamic_depth: int = 0       # 0: every depth 1..max_depth - 1
@@ -227,7 +227,7 @@ class AutoConfig:
 
     kinds: str = ";".join(KINDS)
     max_nodes: int = 64
-    max_depth: int = 8
+    max_depth: int = 12
     top_k: int = 10
     dynamic_depth: int = 0
     dynamic_totals: str = "8;16;24;32;39;47;55;59"
