@@ -58,6 +58,12 @@ def test_static_choice_is_sequoias_shape_and_rebuilds() -> None:
     assert built.shape == reference.shape
 
 
+def test_a_measured_vector_that_rounds_past_one_still_rebuilds() -> None:
+    acc = (29 / 31, 1 / 31, 1 / 31, 0.0)  # 4-digit rounding to nearest would sum above 1
+    plan = plan_tree(acc, StepCosts(flat(T1), flat(0.0)), SearchSpace(kinds=("static",)))
+    assert make_builder("static", **plan.params).shape.size == plan.nodes
+
+
 def test_msd_startup_choice_is_among_its_sizes() -> None:
     space = SearchSpace(kinds=("dynamic",), dynamic_totals=(39, 47, 49, 55, 59))
     cheap = plan_tree(ACC, StepCosts(flat(T1), flat(0.0)), space)

@@ -27,6 +27,7 @@ Candidates, by kind (``kinds``):
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -153,7 +154,8 @@ def step_seconds(nodes: int, rows: Sequence[int], costs: StepCosts) -> float:
 
 def candidates(acceptance: Sequence[float], costs: StepCosts, space: SearchSpace) -> list[TreePlan]:
     """Every candidate of ``space`` with its predicted cost and accepted length."""
-    acc = tuple(float(f"{a:.4g}") for a in acceptance)  # as written into the plan's params
+    # 4 decimals rounded down, as written into the plan's params (still summing to <= 1)
+    acc = tuple(math.floor(float(a) * 1e4) / 1e4 for a in acceptance)
     budget = space.max_nodes - 1
     out: list[TreePlan] = []
     if "chain" in space.kinds:
@@ -176,7 +178,7 @@ def candidates(acceptance: Sequence[float], costs: StepCosts, space: SearchSpace
                 if max(shape.depths) < depth:  # the same tree is listed at its own depth
                     continue
                 rows = level_rows(shape)
-                params = {"acceptance": ";".join(f"{a:.4g}" for a in acc),
+                params = {"acceptance": ";".join(f"{a:.4f}" for a in acc),
                           "budget": str(m), "max_depth": str(depth)}
                 out.append(TreePlan("static", params, m, depth, float(v - 1.0),
                                     step_seconds(m, rows, costs), rows))
