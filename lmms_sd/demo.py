@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -123,10 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         env.setdefault("ACCELERATE_USE_CPU", "true")
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)
+    results = newest_results(out)
+    speed = results.get("throughput", {})
     print(f"\n{args.model} ({args.model_args}) on {args.tasks} ({args.limit or 'all'} documents); "
           "accuracy and speed from the same run, the speedup against autoregressive decoding of "
-          "the same requests in the same process:\n")
-    print(summary_table(newest_results(out)))
+          f"the same requests in the same process; {platform.processor() or platform.machine()}, "
+          f"{speed.get('avg_threads', 0):.0f} torch threads x {speed.get('avg_world_size', 0):.0f} "
+          "processes:\n")
+    print(summary_table(results))
     return 0
 
 

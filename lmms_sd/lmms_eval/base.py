@@ -234,7 +234,8 @@ class SpeculativeLMM(lmms):
         everyone = gather(records)
         if not self.accelerator.is_main_process:
             return
-        log_speed(everyone, self.startup.metrics() if self.startup is not None else None)
+        extra = {"threads": torch.get_num_threads(), "world_size": self.world_size}
+        log_speed(everyone, {**extra, **(self.startup.metrics() if self.startup else {})})
         path = Path(self.settings.stats_path) if self.settings.stats_path else results_dir_jsonl()
         if path is not None:
             write_jsonl(path, everyone)
