@@ -29,6 +29,7 @@ from .core.generate import GenerationConfig, GenerationStats, StepObserver, gene
 from .core.generate import GenerationResult as CoreResult
 from .core.interfaces import PromptInputs
 from .lmms_eval.args import cut_at_stop, generation_config, image_aspect_ratio
+from .lmms_eval.autotree import StartUp, plan_at_startup
 from .methods import FAMILIES, Method, MSDCalibrated, method_class, split_model_name
 
 ImageLike = Image.Image | str | Path  # a PIL image, a file path or a data: URL
@@ -113,6 +114,7 @@ class Speculator:
         self.device = self.target.device  # its input embeddings' device under a device_map
         self.drafter, self.builder = (method.make_decoder(self.target, self.load)
                                       if self.settings.sd else (None, None))
+        self.startup: StartUp | None = None  # tree=auto: what the start-up measured and chose
 
     def load(self, path: str) -> HFAdapter:
         """A draft checkpoint (folder or hub id) as an adapter on the device of the target's
@@ -159,20 +161,39 @@ class Speculator:
                                  eos_token_ids=self.target.eos_token_ids, seed=seed,
                                  max_length=self.target.max_positions)
 
+    def warm_up(self, prompt: PromptInputs, cfg: GenerationConfig, baseline: bool) -> None:
+        """Decode ``prompt`` once, untimed (both ways with ``baseline``). With ``tree=auto``
+        (or MSD's / Sequoia's start-up choices) this decode measures the costs and the
+        acceptance and plans the tree (``lmms_eval.autotree.plan_at_startup``)."""
+        if self.drafter is not None and self.builder is None:
+            self.startup, self.builder = plan_at_startup(self.target, self.drafter, prompt, cfg,
+                                                         self.method.auto, self.target.decode)
+        elif self.drafter is not None:
+            self._decode(prompt, cfg, True)
+        if self.drafter is None or baseline:
+            self._decode(prompt, cfg, False)
+
     def run(self, prompt: PromptInputs, cfg: GenerationConfig, task: str,
-            baseline: bool) -> Generation:
+            baseline: bool, baseline_first: bool = False) -> Generation:
         """Decode one request of ``task`` speculatively (autoregressively with ``sd=off``),
-        then, with ``baseline``, autoregressively again unless the method left it unmeasured."""
+        and with ``baseline`` autoregressively too, unless the method left it unmeasured;
+        ``baseline_first`` runs the autoregressive decode first (callers alternate it, so
+        neither side always runs warm). A tree still to be planned is planned first."""
         if baseline and self.drafter is None:
             raise ValueError("baseline compares speculative decoding with autoregressive "
                              "decoding; with sd=off there is nothing to compare")
         speculative = self.drafter is not None
+        if speculative and self.builder is None:
+            self.warm_up(prompt, cfg, False)
+        early = self._decode(prompt, cfg, False) if baseline and baseline_first else None
         observer = self.method.start_request(task, cfg) if speculative else None
         text, result = self._decode(prompt, cfg, speculative, observer)
         extras = self.method.request_extras() if speculative else {}
+        if self.startup is not None:
+            extras = {"tree": self.startup.to_dict(), **extras}
         if not (baseline and extras.get("measured", True)):
             return Generation(text, result, cfg.sampling.greedy, extras=extras)
-        base_text, base = self._decode(prompt, cfg, False)
+        base_text, base = early or self._decode(prompt, cfg, False)
         return Generation(text, result, cfg.sampling.greedy, base, base_text, extras)
 
     def _decode(self, prompt: PromptInputs, cfg: GenerationConfig, speculative: bool,

@@ -15,15 +15,19 @@ the results JSON and prints accuracy and speed side by side.
 single lmms-eval process (its ``--config`` file lists the runs), each into its own folder under
 ``--out/<time>/``, and prints ``lmms-sd report`` of them (written to ``--out/<time>/report``).
 
-The demo's tree is a chain of 4 (``tree=chain,tree.k=4``): on a CPU a tiny draft's forward costs
-almost as much as the tiny target's, so wide trees (MSD's default 59 nodes) accept more tokens
-per step (tau) but lose on wall time there. ``--model-args`` replaces the demo's tree settings.
+The demo's tree is ``tree=auto``: at start-up the model class times the target's forwards of
+1..64 tokens and the drafter's calls, measures the acceptance of the first request on a probe
+tree, and picks the tree kind and size with the most expected tokens per second
+(``lmms_sd/trees/auto.py``; the choice is logged and lands in the results' throughput section
+and the per-sample JSONL). ``--model-args`` replaces the demo's tree settings, e.g.
+``tree=chain,tree.k=4``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -44,13 +48,13 @@ def family_of(model: str) -> str:
 
 
 def default_model_args(model: str) -> str:
-    """A 4-token chain; the calibrated classes (their tree is the calibrated OPT-Tree) take the
+    """The planned tree (``tree=auto``); the calibrated classes (their tree is the calibrated OPT-Tree) take the
     shipped calibrator instead (offline mode: every request is measured)."""
     if model.endswith("_calibrated"):
         from .assets import shipped_calibrator
 
         return f"cal.calibrator={shipped_calibrator(family_of(model))}"
-    return "tree=chain,tree.k=4"
+    return "tree=auto"
 
 
 def command(model: str, tasks: str, limit: int | None, out: Path, processes: int,
@@ -167,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"default: all, {COMPARE_LIMIT} with --compare)")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--model-args", default=None, help="extra model_args (default: "
-                    "tree=chain,tree.k=4; cal.calibrator=<shipped> for the calibrated classes)")
+                    "tree=auto; cal.calibrator=<shipped> for the calibrated classes)")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--compare", action="store_true", help="run every shipped drafter of "
                     "--family (COMPARE) and print their leaderboard; ignores --model, --model-args")
@@ -186,10 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = command(args.model, args.tasks, args.limit or None, out, args.processes, args.model_args)
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)
+    results = newest_results(out)
+    speed = results.get("throughput", {})
     print(f"\n{args.model} ({args.model_args}) on {args.tasks} ({args.limit or 'all'} documents); "
           "accuracy and speed from the same run, the speedup against autoregressive decoding of "
-          "the same requests in the same process:\n")
-    print(summary_table(newest_results(out)))
+          f"the same requests in the same process; {platform.processor() or platform.machine()}, "
+          f"{speed.get('avg_threads', 0):.0f} torch threads x {speed.get('avg_world_size', 0):.0f} "
+          "processes:\n")
+    print(summary_table(results))
     return 0
 
 

@@ -31,7 +31,7 @@ from .drafters.msd import MSDConfig, MSDDrafter, load_msd_drafter
 from .drafters.ngram import MaGConfig, MaGDrafter
 from .lmms_eval.args import (CascadeArgs, CommonArgs, MSDArgs, MSDCalibratedArgs, SDArgs,
                              from_mapping, parse_model_args)
-from .trees import TreeBuilder, make_builder
+from .trees import AutoConfig, TreeBuilder, auto_config, make_builder
 
 FAMILIES = tuple(VLM_FAMILIES)  # llava, qwen2_vl
 Loader = Callable[[str], HFAdapter]  # a checkpoint path -> an adapter on the target's device
@@ -55,8 +55,10 @@ class Method:
         return cls(settings, groups, name)
 
     def configure(self) -> None:
-        """Check the method's own settings before anything is loaded (default: the tree)."""
-        self.tree = make_builder(self.settings.tree, **self.groups["tree"])
+        """Check the method's own settings before anything is loaded (default: the tree;
+        ``tree=auto`` and its special cases leave the builder to the start-up plan)."""
+        self.auto = auto_config(self.settings.tree, **self.groups["tree"])
+        self.tree = None if self.auto else make_builder(self.settings.tree, **self.groups["tree"])
 
     def make_decoder(self, target: HFAdapter, load: Loader) -> tuple[Drafter, TreeBuilder]:
         raise NotImplementedError

@@ -19,7 +19,7 @@ def test_bench_rows_are_consistent(llava_models):
     rows, records = bench.run(llava_models, prompts, methods, max_new_tokens=10, repeats=2, hf=True)
     assert [r["method"] for r in records] == [m for m in methods for _ in prompts]
     names = [r["method"] for r in rows]
-    assert names == methods + ["hf_generate", "hf_assisted(draft_vlm)"]
+    assert names == methods + ["hf_generate", "hf_assisted(draft_vlm)", "hf_prompt_lookup(10)"]
     by = {r["method"]: r for r in rows}
     for r in rows:
         assert r["mismatches"] == 0, f"{r['method']} is not lossless"
@@ -27,6 +27,11 @@ def test_bench_rows_are_consistent(llava_models):
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
         assert r["speedup"] == pytest.approx(by["ar"]["wall_s"] / r["wall_s"])
     assert by["ar"]["tau"] == 1 and by["ar"]["target_fwd_per_token"] == 1
+    assert by["ar"]["ceiling"] == pytest.approx(1.0)
+    for name in methods[1:]:  # tau x t1 / t_verify(mean tree size + 1)
+        r = by[name]
+        assert r["verify_over_t1"] > 0 and r["ceiling"] == pytest.approx(r["tau"] / r["verify_over_t1"])
+    assert by["hf_generate"].get("ceiling") is None
     oracle = by["oracle:chain:k=3"]
     # a perfect oracle emits k+1 tokens per step, except in the last step, whose tree is cut to
     # the tokens left (10 tokens: root, 4, 4, then 1 with no draft)
@@ -103,3 +108,29 @@ def test_cascade_sweep_grid_is_valid():
     assert len({s.name for s in specs}) == 4
     for s in specs:  # every grid point is a valid published k_matrix
         assert CascadeConfig.of(s.k_matrix, s.lenience).depth == 3
+
+
+def test_bench_interleaves_methods_per_prompt(llava_models, monkeypatch):
+    """Timed passes run every method on one prompt before the next prompt, order rotated."""
+    prompts = bench.shapes_prompts(llava_models["target"], 2)
+    seen: list[tuple[int, bool]] = []
+    real = bench.generate
+
+    def spy(target, prompt, cfg, drafter=None, builder=None, *a, **k):
+        seen.append(([id(p) for p in prompts].index(id(prompt)), drafter is not None))
+        return real(target, prompt, cfg, drafter, builder, *a, **k)
+
+    monkeypatch.setattr(bench, "generate", spy)
+    bench.run(llava_models, prompts, ["ar", "oracle:chain:k=2"], max_new_tokens=4, repeats=2)
+    timed = seen[-8:]  # after the reference pass and one warm-up per method
+    assert [p for p, _ in timed] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [sd for _, sd in timed] == [False, True, True, False, False, True, True, False]
+
+
+def test_bench_plans_auto_trees_and_runs_mag(llava_models):
+    prompts = bench.shapes_prompts(llava_models["target"], 1)
+    rows, _ = bench.run(llava_models, prompts, ["ar", "draft_vlm:auto", "mag:chain:k=4"],
+                        max_new_tokens=8, repeats=1)
+    by = {r["method"]: r for r in rows}
+    assert by["draft_vlm:auto"]["planned_tree"].split(":")[0] in ("chain", "static", "dynamic")
+    assert all(r["mismatches"] == 0 for r in rows)

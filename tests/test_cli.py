@@ -40,7 +40,7 @@ def test_summary_table_reads_results_json():
 def test_demo_gives_the_calibrated_classes_the_shipped_calibrator():
     from lmms_sd.assets import CALIBRATOR_FILE, SHAPES_DIR
 
-    assert demo.default_model_args("llava_msd") == "tree=chain,tree.k=4"
+    assert demo.default_model_args("llava_msd") == "tree=auto"
     for family in ("llava", "qwen2_vl"):
         args = demo.default_model_args(f"{family}_msd_calibrated")
         assert args == f"cal.calibrator={SHAPES_DIR / family / CALIBRATOR_FILE}"

@@ -180,7 +180,7 @@ def make_model(family: str, chat: bool = False, method: str = "SD", **model_args
 def sd_models(tiny_paths: dict, noisy_drafts: dict) -> dict[str, Any]:
     """Per family: the simple class with the noisy draft, a chain of 3 and a baseline."""
     return {f: make_model(f, pretrained=tiny_paths[f]["target"], draft=noisy_drafts[f],
-                          baseline=True, **{"tree.k": 3}) for f in tiny_paths}
+                          baseline=True, tree="chain", **{"tree.k": 3}) for f in tiny_paths}
 
 
 GREEDY = {"until": ["\n\n"], "max_new_tokens": 24, "do_sample": False}
@@ -323,6 +323,44 @@ def test_text_only_draft_runs(tiny_paths: dict, family: str):
     assert model.generate_until(requests(True, GREEDY, n=1))[0].text
 
 
+def test_one_untimed_warm_up_then_alternating_baseline_order(sd_models: dict,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    import lmms_sd.api as api  # the shared decoder the model classes decode with
+
+    speculative: list[bool] = []  # per core decode: with a drafter?
+    real = api.generate
+    monkeypatch.setattr(api, "generate",
+                        lambda *a, **k: speculative.append(a[3] is not None) or real(*a, **k))
+    model = shared(sd_models["llava"], monkeypatch)
+    monkeypatch.setattr(model, "_warm", False)
+    monkeypatch.setattr(model, "_served", 0)
+    model.generate_until(requests(False, GREEDY, n=2))
+    # warm-up (sd, ar); request 0 (sd, ar); request 1 (ar first, then sd)
+    assert speculative == [True, False, True, False, False, True]
+    model.generate_until(requests(False, GREEDY, n=1))
+    assert speculative[6:] == [True, False], "one warm-up per model, not per call"
+
+
+def test_auto_tree_is_planned_at_start_up_and_recorded(tiny_paths: dict, noisy_drafts: dict,
+                                                       tmp_path: Path):
+    from lmms_eval.models.model_utils.gen_metrics import (reset_logged_metrics,
+                                                          summarize_logged_metrics)
+
+    reset_logged_metrics()
+    model = make_model("llava", pretrained=tiny_paths["llava"]["target"],
+                       draft=noisy_drafts["llava"], baseline=True)  # the default tree: auto
+    assert model.decoder.method.auto is not None and model.decoder.builder is None
+    out, records = records_of(model, False, tmp_path / "s.jsonl", n=3)
+    plan = model.startup.plan
+    assert all(r["text_match"] for r in records) and all(o.text for o in out)
+    assert [r["tree"]["tree"] for r in records] == [plan.spec] * 3
+    assert [r["baseline_first"] for r in records] == [False, True, False]
+    assert model.startup.probe_steps > 0 and 0 < sum(model.startup.acceptance) <= 1
+    summary = summarize_logged_metrics()
+    assert summary[f"avg_auto_tree/{plan.kind}"] == 1
+    assert summary["avg_auto_tree/nodes"] == plan.nodes
+
+
 # ---------------------------------------------------------------------------- other methods
 
 def records_of(model: Any, chat: bool, path: Path, n: int = 2) -> tuple[list, list[dict]]:
@@ -346,11 +384,24 @@ def msd_heads(tiny_paths: dict, tmp_path_factory: pytest.TempPathFactory) -> dic
 def test_msd_head_is_lossless(tiny_paths: dict, msd_heads: dict, family: str, tmp_path: Path):
     """The point is the plumbing of target features and positions, not the head's quality."""
     model = make_model(family, chat=True, method="MSD", pretrained=tiny_paths[family]["target"],
-                       draft=msd_heads[family], baseline=True,
+                       draft=msd_heads[family], baseline=True, tree="dynamic",
                        **{"tree.depth": 3, "tree.top_k": 4, "tree.total_tokens": 8})
     out, records = records_of(model, True, tmp_path / "s.jsonl")
     assert all(r["text_match"] for r in records) and all(o.text for o in out)
     assert all(r["stats"]["draft_forwards"] > 0 for r in records)
+
+
+def test_msd_startup_choice_of_total_tokens(tiny_paths: dict, msd_heads: dict, tmp_path: Path):
+    """MSD's total_token=-1: the dynamic tree's size is chosen at start-up among MSD's sizes."""
+    from lmms_sd.trees.auto import MSD_TOTALS
+
+    model = make_model("llava", method="MSD", pretrained=tiny_paths["llava"]["target"],
+                       draft=msd_heads["llava"], baseline=True, tree="dynamic",
+                       **{"tree.total_tokens": -1, "tree.depth": 3})
+    out, records = records_of(model, False, tmp_path / "s.jsonl")
+    plan = model.startup.plan
+    assert plan.kind == "dynamic" and int(plan.params["total_tokens"]) in MSD_TOTALS
+    assert plan.params["depth"] == "3" and all(r["text_match"] for r in records)
 
 
 @pytest.mark.parametrize("steering", ["thesis", "replace"])
@@ -368,9 +419,9 @@ def test_calibrated_msd_measures_only_after_calibration(tiny_paths: dict, msd_he
                           "cal.min_samples": 1, "cal.steering": steering})
     reset_logged_metrics()
     _, records = records_of(model, False, tmp_path / "s.jsonl")
-    assert model.session.builder.steering == steering
+    assert model.decoder.method.session.builder.steering == steering
     assert [(r["measured"], r["calibrated"]) for r in records] == [(False, False), (True, True)]
-    traces = [r for task in model.session.summary() for r in model.session.traces(task)]
+    traces = [r for task in model.decoder.method.session.summary() for r in model.decoder.method.session.traces(task)]
     assert traces and max(r.features.attention for r in traces) > 0
     assert records[0]["baseline"] is None and records[1]["text_match"] is True
     summary = summarize_logged_metrics()

@@ -142,15 +142,23 @@ class HFAdapter:
 
     @torch.inference_mode()
     def hf_generate(self, prompt: PromptInputs, max_new_tokens: int, *,
-                    assistant: "HFAdapter | None" = None) -> list[int]:
+                    assistant: "HFAdapter | None" = None, prompt_lookup: int = 0) -> list[int]:
         """Greedy ``transformers`` ``generate`` of this model, new tokens only, stopping at EOS:
         the reference speculative output must equal, and (with ``assistant``, HF assisted
-        generation) a speed peer. A causal LM gets the prompt without image tokens."""
+        generation; with ``prompt_lookup`` > 0, HF prompt-lookup decoding of that many tokens)
+        a speed peer. A causal LM gets the prompt without image tokens."""
         text_only = self.family == "causal_lm"
         ids = (prompt.text_only_ids() if text_only else prompt.input_ids)[None]  # [1, T]
         kwargs = {} if text_only else dict(prompt.model_kwargs)
         if assistant is not None:
             kwargs["assistant_model"] = assistant.model
+        if prompt_lookup > 0:
+            kwargs["prompt_lookup_num_tokens"] = prompt_lookup
+            if self.image_token_id is not None:
+                # HF's prompt lookup would propose the image placeholders that follow a match
+                # in the prompt, and its first forward then miscounts image tokens; a suppressed
+                # token is cut from its candidates (and a trained target never emits it)
+                kwargs["suppress_tokens"] = [self.image_token_id]
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs,
                                   max_new_tokens=max_new_tokens, do_sample=False,
                                   eos_token_id=list(self.eos_token_ids),

@@ -38,12 +38,10 @@ and every ratio built on it say nothing about a GPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -53,6 +51,8 @@ from typing import Any
 import torch
 
 from ..adapters.base import HFAdapter, extend_prompt
+from ..adapters.timing import Timer, TimedProxy
+from ..adapters.timing import sync as _sync
 from ..core import generate as loop
 from ..core.generate import GenerationConfig, generate
 from ..core.interfaces import PromptInputs
@@ -98,47 +98,6 @@ class Setting:
 
 
 AR = Setting(None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---------------------------------------------------------------------------- timing proxies
-
-class Timer:
-    """Wall seconds and call counts per named part; ``timed`` wraps a callable."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def timed(self, part: str, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            _sync(self.device)
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            _sync(self.device)
-            self.seconds[part] += time.perf_counter() - t0
-            self.calls[part] += 1
-            return out
-        return wrapper
-
-
-class TimedProxy:
-    """``inner`` with the methods named in ``parts`` (method -> part) timed; all else delegated.
-    Calls the inner object makes on itself (e.g. ``prefill`` running the model) are not seen."""
-
-    def __init__(self, inner: Any, timer: Timer, parts: dict[str, str]):
-        self._inner, self._timer, self._parts = inner, timer, parts
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        part = self._parts.get(name)
-        return attr if part is None else self._timer.timed(part, attr)
 
 
 @contextmanager

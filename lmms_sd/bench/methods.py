@@ -5,9 +5,13 @@ A method is named ``<drafter>:<tree>[:key=value;key=value]``, e.g. ``draft_vlm:c
   draft_vlm   a small VLM of the target's family (sees the image)
   text_only   a text-only LM sharing the vocabulary (prompt without image tokens)
   msd         an MSD / EAGLE-style draft head on the target's features
+  mag         CS Drafting's MaG: longest suffix match in prompt and output (no model)
   oracle      the target's own continuation, right with probability ``alpha`` per token, at
               zero draft cost (engine efficiency; see ``efficiency.py``)
-``ar`` (no drafter) is plain autoregressive decoding through the same loop.
+``ar`` (no drafter) is plain autoregressive decoding through the same loop. The tree ``auto``
+(``draft_vlm:auto``, ``msd:auto:kinds=chain;max_nodes=32``) is planned at start-up by the
+benchmark (``lmms_sd/trees/auto.py``), like ``dynamic:total_tokens=-1`` (MSD) and
+``static:budget=-1`` (Sequoia).
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ from ..trees import make_builder
 
 DEFAULT_METHODS = (
     "ar",
+    "draft_vlm:auto",
     "draft_vlm:chain:k=4",
     "text_only:chain:k=4",
     "draft_vlm:static:acceptance=0.6;0.2;0.1;budget=16;depth=6",
     "draft_vlm:dynamic:depth=5;top_k=4;total_tokens=16",
     "draft_vlm:opt:nodes=16;threshold=0.2;max_depth=8",
+    "mag:chain:k=10",
 )
 
 
@@ -74,8 +80,12 @@ def make_drafter(kind: str, models: dict[str, Any], reference: list[int] | None 
         if reference is None:
             raise ValueError("the oracle drafter needs the reference output")
         return OracleDrafter(reference, alpha, target.vocab_size, seed)
+    if kind == "mag":
+        from ..drafters.ngram import MaGDrafter
+
+        return MaGDrafter(target.vocab_size)
     if kind == "msd":
         if "msd" not in models:
             raise ValueError("method needs an MSD head (--msd PATH)")
         return models["msd"]()
-    raise ValueError(f"unknown drafter {kind!r}; choose from draft_vlm, text_only, msd, oracle")
+    raise ValueError(f"unknown drafter {kind!r}; choose from draft_vlm, text_only, msd, mag, oracle")

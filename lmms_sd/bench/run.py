@@ -2,11 +2,19 @@
 
     python -m lmms_sd.bench.run --family llava --items 8 --repeats 3 --out bench/results/llava
 
-Methods (``--methods``, see ``methods.py``) run through the lmms_sd loop; with ``--hf`` the
-table also has Hugging Face ``generate`` (greedy) and assisted generation with the draft VLM
-(``assistant_model=``), the peer to beat. Writes ``bench.json`` and ``bench.md``:
-wall time, tokens/s, speedup over ``ar`` (our own autoregressive loop, same prompts), tau,
-acceptance rate, target forwards per token, and greedy mismatches against ``ar`` (must be 0).
+Methods (``--methods``, see ``methods.py``) run through the lmms_sd loop; ``<drafter>:auto``
+plans its tree at start-up (``lmms_sd/trees/auto.py``). With ``--hf`` the table also has
+Hugging Face ``generate`` (greedy), assisted generation with the draft VLM
+(``assistant_model=``, the peer to beat) and prompt-lookup decoding
+(``prompt_lookup_num_tokens=``, beside our MaG drafter ``mag:chain:k=10``).
+
+Timing: an untimed ``ar`` pass gives the reference outputs, each method decodes the first prompt
+once untimed, then every repeat runs all methods on prompt 1, all on prompt 2, ... with their
+order rotated. Writes ``bench.json`` and ``bench.md``: wall time, tokens/s, speedup over ``ar``
+(our own autoregressive loop, same prompts), ``ceiling`` = tau x t1 / t_verify(mean tree size
++ 1) (the speedup of a loop with free drafts and no overhead; t from target forwards timed at
+mid-generation context), tau, acceptance rate, target forwards per token, and greedy
+mismatches against ``ar`` (must be 0). The header names the machine and the thread count.
 """
 from __future__ import annotations
 
@@ -21,13 +29,18 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from ..adapters.base import extend_prompt
+from ..adapters.timing import COST_SIZES, forward_costs
 from ..core.generate import GenerationConfig, generate
 from ..core.interfaces import PromptInputs
+from ..lmms_eval.autotree import plan_at_startup
 from ..lmms_eval.speed import sample_stats, summarize
+from ..trees import auto_config
+from ..trees.auto import CostCurve
 from .methods import DEFAULT_METHODS, Method, make_drafter
 
 ROLES = ("target", "draft_vlm", "text_only", "msd_head")
-COLUMNS = ("method", "wall_s", "tokens_per_s", "speedup", "tau", "acceptance_rate",
+COLUMNS = ("method", "wall_s", "tokens_per_s", "speedup", "ceiling", "tau", "acceptance_rate",
            "target_fwd_per_token", "mismatches")
 
 
@@ -68,70 +81,104 @@ def shapes_prompts(target: Any, n: int, seed: int = 1) -> list[PromptInputs]:
     return [target.prepare(it.question, [it.image]) for it in make_items(n, seed, "test", ("describe",))]
 
 
-def _time_loop(target: Any, prompts: Sequence[PromptInputs], cfg: GenerationConfig,
-               method: Method, models: dict[str, Any], refs: list[list[int]] | None,
-               alpha: float) -> tuple[float, list[dict], list[list[int]]]:
-    builder = method.builder()
-    records, outputs, wall = [], [], 0.0
-    for i, prompt in enumerate(prompts):
+Job = Callable[[int], tuple[float, dict | None, list[int]]]  # prompt index -> (s, record, out)
+
+
+def _loop_job(target: Any, prompts: Sequence[PromptInputs], cfg: GenerationConfig,
+              method: Method, models: dict[str, Any], refs: list[list[int]], alpha: float,
+              builder: Callable | None) -> Job:
+    def job(i: int) -> tuple[float, dict, list[int]]:
         drafter = None if method.drafter is None else make_drafter(
             method.drafter, models, refs[i] if refs else None, alpha, seed=i)
-        res = generate(target, prompt, cfg, drafter, builder, target.decode)
-        wall += res.stats.wall_time
-        records.append({"method": method.name, "doc_id": i, "stats": sample_stats(res)})
-        outputs.append(res.tokens)
-    return wall, records, outputs
+        res = generate(target, prompts[i], cfg, drafter, builder, target.decode)
+        return res.stats.wall_time, {"method": method.name, "doc_id": i,
+                                     "stats": sample_stats(res)}, res.tokens
+    return job
 
 
-def _time_hf(target: Any, prompts: Sequence[PromptInputs], cfg: GenerationConfig,
-             assistant: Any | None) -> tuple[float, list[list[int]]]:
-    wall, outputs = 0.0, []
-    for prompt in prompts:
+def _hf_job(target: Any, prompts: Sequence[PromptInputs], cfg: GenerationConfig,
+            **kwargs: Any) -> Job:
+    def job(i: int) -> tuple[float, None, list[int]]:
         t0 = time.perf_counter()
-        outputs.append(target.hf_generate(prompt, cfg.max_new_tokens, assistant=assistant))
-        wall += time.perf_counter() - t0
-    return wall, outputs
+        out = target.hf_generate(prompts[i], cfg.max_new_tokens, **kwargs)
+        return time.perf_counter() - t0, None, out
+    return job
+
+
+def _planned_builder(method: Method, target: Any, models: dict[str, Any], prompt: PromptInputs,
+                     cfg: GenerationConfig, reference: list[int], alpha: float
+                     ) -> tuple[Callable | None, dict | None]:
+    """The method's builder; ``tree=auto`` (and its special cases) planned on ``prompt``."""
+    auto = None if method.drafter is None else auto_config(method.tree, **dict(method.tree_params))
+    if auto is None:
+        return method.builder(), None
+    drafter = make_drafter(method.drafter, models, reference, alpha, seed=0)
+    startup, builder = plan_at_startup(target, drafter, prompt, cfg, auto, target.decode)
+    return builder, startup.to_dict()
 
 
 def run(models: dict[str, Any], prompts: Sequence[PromptInputs], methods: Sequence[str],
-        max_new_tokens: int, repeats: int, hf: bool = False,
-        alpha: float = 1.0) -> tuple[list[dict], list[dict]]:
+        max_new_tokens: int, repeats: int, hf: bool = False, alpha: float = 1.0,
+        lookup_tokens: int = 10) -> tuple[list[dict], list[dict]]:
     """One row per method (see ``COLUMNS``) and the per-sample records of each method's last
-    repeat; ``ar`` is always run first as the reference."""
+    repeat. An untimed pass of ``ar`` gives the reference outputs; every method then decodes
+    the first prompt once untimed (``tree=auto`` plans there); the timed passes interleave the
+    methods per prompt, rotating their order, so drift and cold starts hit all alike."""
     target = models["target"]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=target.eos_token_ids)
     specs = ["ar"] + [m for m in methods if m != "ar"]
-    jobs: list[tuple[str, Callable[[], tuple[float, list[dict] | None, list[list[int]]]]]] = []
-    refs: list[list[int]] = []
+    refs = [generate(target, p, cfg).tokens for p in prompts]  # untimed: reference + warm-up
+    jobs: dict[str, Job] = {}
+    plans: dict[str, dict] = {}
     for spec in specs:
         method = Method.parse(spec)
-        jobs.append((spec, lambda m=method: _time_loop(target, prompts, cfg, m, models, refs, alpha)))
+        builder, plan = _planned_builder(method, target, models, prompts[0], cfg, refs[0], alpha)
+        if plan is not None:
+            plans[spec] = plan
+        jobs[spec] = _loop_job(target, prompts, cfg, method, models, refs, alpha, builder)
     if hf:
-        jobs.append(("hf_generate", lambda: (*_no_records(_time_hf(target, prompts, cfg, None)),)))
+        jobs["hf_generate"] = _hf_job(target, prompts, cfg)
         if "draft_vlm" in models:
-            jobs.append(("hf_assisted(draft_vlm)", lambda: (*_no_records(
-                _time_hf(target, prompts, cfg, models["draft_vlm"])),)))
-    rows, ar_wall, all_records = [], None, []
-    for name, job in tqdm(jobs, desc="methods"):
-        walls = []
-        for _ in range(repeats):
-            wall, records, outputs = job()
-            walls.append(wall)
-        if name == "ar":
-            refs[:] = outputs
-        wall = statistics.median(walls)
-        ar_wall = ar_wall or wall
-        rows.append(_row(name, wall, walls, records, outputs, refs, ar_wall))
-        all_records += records or []
-    return rows, all_records
+            jobs["hf_assisted(draft_vlm)"] = _hf_job(target, prompts, cfg,
+                                                     assistant=models["draft_vlm"])
+        jobs[f"hf_prompt_lookup({lookup_tokens})"] = _hf_job(target, prompts, cfg,
+                                                             prompt_lookup=lookup_tokens)
+    names = list(jobs)
+    for name in names:
+        jobs[name](0)  # warm-up, untimed
+    walls = {n: [0.0] * repeats for n in names}
+    records: dict[str, list[dict]] = {n: [] for n in names}
+    outputs: dict[str, list[list[int]]] = {n: [] for n in names}
+    for r in tqdm(range(repeats), desc="repeats"):
+        for i in range(len(prompts)):
+            shift = (r * len(prompts) + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds, record, out = jobs[name](i)
+                walls[name][r] += seconds
+                if r == repeats - 1:
+                    records[name] += [record] if record is not None else []
+                    outputs[name].append(out)
+    costs = CostCurve.of(_verify_costs(target, prompts[0], refs[0], records))
+    ar_wall = statistics.median(walls["ar"])
+    rows = [_row(n, walls[n], records[n] or None, outputs[n], refs, ar_wall, costs, plans.get(n))
+            for n in names]
+    return rows, [rec for n in names for rec in records[n]]
 
 
-def _no_records(res: tuple[float, list[list[int]]]) -> tuple[float, None, list[list[int]]]:
-    return res[0], None, res[1]
+def _verify_costs(target: Any, prompt: PromptInputs, reference: list[int],
+                  records: dict[str, list[dict]]) -> dict[int, float]:
+    """Target forward seconds of n tokens at mid-generation context, for n up to the largest
+    verified tree (root included)."""
+    largest = max([1] + [s for rs in records.values() for r in rs
+                         for s in r["stats"]["tree_size_per_step"]]) + 1
+    sizes = sorted({n for n in COST_SIZES if n < largest} | {largest})
+    target.prefill(extend_prompt(prompt, torch.tensor(reference[: len(reference) // 2])))
+    return forward_costs(target, reference[0], sizes)
 
 
-def _row(name: str, wall: float, walls: list[float], records: list[dict] | None,
-         outputs: list[list[int]], refs: list[list[int]], ar_wall: float) -> dict:
+def _row(name: str, walls: list[float], records: list[dict] | None, outputs: list[list[int]],
+         refs: list[list[int]], ar_wall: float, costs: CostCurve, plan: dict | None) -> dict:
+    wall = statistics.median(walls)
     tokens = sum(len(o) for o in outputs)
     row: dict[str, Any] = {"method": name, "wall_s": wall, "walls_s": walls, "tokens": tokens,
                            "tokens_per_s": tokens / wall if wall else None,
@@ -141,6 +188,13 @@ def _row(name: str, wall: float, walls: list[float], records: list[dict] | None,
         summary = summarize(records)
         row.update(tau=summary.get("tau"), acceptance_rate=summary.get("acceptance_rate"),
                    target_fwd_per_token=summary.get("target_forwards_per_token"))
+        sizes = [n for r in records for n in r["stats"]["tree_size_per_step"]]
+        if sizes and row["tau"]:
+            mean = sum(sizes) / len(sizes)
+            row["verify_over_t1"] = costs(mean + 1) / costs(1)
+            row["ceiling"] = row["tau"] / row["verify_over_t1"]
+    if plan is not None:
+        row["planned_tree"] = plan["tree"]
     return row
 
 
@@ -171,7 +225,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=1.0, help="oracle acceptance probability")
-    ap.add_argument("--hf", action="store_true", help="add HF generate and assisted generation")
+    ap.add_argument("--hf", action="store_true", help="add HF generate, assisted generation "
+                    "with the draft VLM and prompt-lookup decoding")
+    ap.add_argument("--lookup-tokens", type=int, default=10,
+                    help="prompt_lookup_num_tokens of HF prompt-lookup decoding")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 avoids oversubscription on a busy small machine)")
     ap.add_argument("--out", required=True)
@@ -180,14 +237,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     models = load_models(args.family, {r: getattr(args, r) for r in ROLES})
     prompts = shapes_prompts(models["target"], args.items)
     rows, records = run(models, prompts, args.methods, args.max_new_tokens, args.repeats, args.hf,
-                        args.alpha)
+                        args.alpha, args.lookup_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"family": args.family, "items": args.items, "max_new_tokens": args.max_new_tokens,
             "repeats": args.repeats, "machine": machine()}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = to_markdown(rows, f"{args.family}, {args.items} shapes describe prompts, "
-                           f"max {args.max_new_tokens} new tokens, median of {args.repeats}; {meta['machine']}\n")
+                           f"max {args.max_new_tokens} new tokens, median of {args.repeats}, "
+                           f"methods interleaved per prompt; {meta['machine']}\n")
+    planned = [f"- {r['method']}: {r['planned_tree']}" for r in rows if r.get("planned_tree")]
+    if planned:
+        md += "\nPlanned at start-up (tree=auto):\n" + "\n".join(planned) + "\n"
     (out / "bench.md").write_text(md)
     with (out / "records.jsonl").open("w") as f:  # per-sample stats of the last repeat
         f.writelines(json.dumps(r) + "\n" for r in records)

@@ -158,6 +158,11 @@ def _sync(device: torch.device) -> None:
 StepObserver = Callable[[DraftTree, torch.Tensor, Verdict], None]
 
 
+def _kept_slots(verdict: Verdict, device: torch.device) -> torch.Tensor:  # -> [1 + accepted]
+    """The verify forward's slots to keep: the root and the accepted path."""
+    return torch.tensor([0] + [i + 1 for i in verdict.accepted], device=device)
+
+
 def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
              drafter: Drafter | None = None, builder: Callable | None = None,
              decode: Callable[[Sequence[int]], str] | None = None,
@@ -192,16 +197,17 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
         drafter.begin(prompt, pre)
         drafter.commit([root], pre.hidden[-1:] if want_hidden else None)
 
+    empty = DraftTree.empty(device)
     while not done:
         # 1. draft, never deeper than the budget left (so never past max_length)
         room = cfg.max_new_tokens - len(out) - 1
         if drafter is None or room == 0:
-            tree = DraftTree.empty(device)
+            tree = empty
         else:
             tree = builder(drafter, cfg.sampling, gen).within_depth(room)
         # 2. verify: one target forward over [root, nodes]
         start = target.seq_len
-        slots = torch.cat([torch.tensor([root], device=device), tree.tokens.to(device)])
+        slots = torch.tensor([root] + tree.token_list, device=device)
         if tree.is_chain:  # plain causal attention: let the model use its fast path
             res = target.forward(slots, hidden=want_hidden)
         else:
@@ -215,14 +221,17 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
         if observer is not None:
             observer(tree, res.logits, verdict)
         # 3. commit the root and the accepted path in the target cache
-        kept = torch.tensor([0] + [i + 1 for i in verdict.accepted], device=device)
-        if len(kept) < len(slots):  # something was rejected
+        n_kept = 1 + verdict.num_accepted
+        kept = None
+        if n_kept < len(slots):  # something was rejected
             if tree.is_chain:  # the accepted path is a prefix of the slots: a crop, no copy
-                target.crop(start + len(kept))
+                target.crop(start + n_kept)
             else:
+                kept = _kept_slots(verdict, device)
                 target.keep(start, kept)
-        # 4. emit
-        new = tree.tokens[verdict.accepted].tolist() + [verdict.next_token]
+        # 4. emit (hot path: Python lists, no host syncs)
+        tokens = tree.token_list
+        new = [tokens[i] for i in verdict.accepted] + [verdict.next_token]
         out += new
         stats.origin += [DRAFT] * verdict.num_accepted + [TARGET]
         stats.steps.append(StepStats(len(tree), tree.depth, verdict.num_accepted,
@@ -234,7 +243,12 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
         root = verdict.next_token
         # 5. inform the drafter
         if drafter is not None:
-            drafter.commit(new, res.hidden[kept] if want_hidden else None)
+            hidden = None
+            if want_hidden and tree.is_chain:  # the kept slots are a prefix
+                hidden = res.hidden[:n_kept]
+            elif want_hidden:
+                hidden = res.hidden[kept if kept is not None else _kept_slots(verdict, device)]
+            drafter.commit(new, hidden)
 
     _sync(device)
     stats.wall_time = time.perf_counter() - t0

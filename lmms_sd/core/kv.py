@@ -32,8 +32,9 @@ def kv_keep(cache: DynamicCache, start: int, indices: Tensor) -> None:
     length = kv_length(cache)
     if not 0 <= start <= length:
         raise ValueError(f"keep start {start} outside the cache of length {length}")
-    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= length - start):
-        raise ValueError(f"keep indices {indices.tolist()} outside [0, {length - start})")
+    offsets = indices.tolist()  # one host read for the check
+    if offsets and (min(offsets) < 0 or max(offsets) >= length - start):
+        raise ValueError(f"keep indices {offsets} outside [0, {length - start})")
     n = len(indices)
     for layer in _full_layers(cache):
         if layer.keys is None or not layer.is_initialized:

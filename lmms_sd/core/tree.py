@@ -49,8 +49,7 @@ class DraftTree:
         if self.tokens.dim() != 1 or self.parents.shape != self.tokens.shape:
             raise ValueError(f"tokens {tuple(self.tokens.shape)} and parents "
                              f"{tuple(self.parents.shape)} must be equal 1-D shapes")
-        idx = torch.arange(len(self.parents), device=self.parents.device)
-        if len(idx) and not bool(((self.parents >= -1) & (self.parents < idx)).all()):
+        if not all(-1 <= p < i for i, p in enumerate(self.parent_list)):
             raise ValueError("parents must satisfy -1 <= parents[i] < i (topological order)")
         if self.sampled and self.draft_probs is None:
             raise ValueError("a tree of sampled children needs draft_probs")
@@ -71,6 +70,23 @@ class DraftTree:
         return DraftTree(z, z.clone())
 
     # ------------------------------------------------------------------ derived views
+    # Python lists are read once per tree (one host transfer each) and shared by every view:
+    # the verify step and the loop's bookkeeping then run without further syncs.
+    @cached_property
+    def parent_list(self) -> list[int]:
+        return self.parents.tolist()
+
+    @cached_property
+    def token_list(self) -> list[int]:
+        return self.tokens.tolist()
+
+    @cached_property
+    def depth_list(self) -> list[int]:
+        d: list[int] = []
+        for p in self.parent_list:
+            d.append(1 if p < 0 else d[p] + 1)
+        return d
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -80,21 +96,17 @@ class DraftTree:
 
     @cached_property
     def depths(self) -> Tensor:  # [N] long, 1 for the root's children
-        d = [0] * len(self)
-        par = self.parents.tolist()
-        for i, p in enumerate(par):
-            d[i] = 1 if p < 0 else d[p] + 1
-        return torch.tensor(d, dtype=torch.long, device=self.tokens.device)
+        return torch.tensor(self.depth_list, dtype=torch.long, device=self.tokens.device)
 
     @property
     def depth(self) -> int:
-        return int(self.depths.max()) if len(self) else 0
+        return max(self.depth_list, default=0)
 
     @cached_property
     def ancestor_mask(self) -> Tensor:  # [N, N] bool, [i, j] = j is i or an ancestor of i
         n = len(self)
         m = torch.zeros(n, n, dtype=torch.bool, device=self.tokens.device)
-        for i, p in enumerate(self.parents.tolist()):
+        for i, p in enumerate(self.parent_list):
             if p >= 0:
                 m[i] = m[p]
             m[i, i] = True
@@ -104,14 +116,14 @@ class DraftTree:
     def children(self) -> list[list[int]]:
         """children[s] = node indices whose parent is slot s (slot 0 = root), in node order."""
         ch: list[list[int]] = [[] for _ in range(len(self) + 1)]
-        for i, p in enumerate(self.parents.tolist()):
+        for i, p in enumerate(self.parent_list):
             ch[p + 1].append(i)
         return ch
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root's child down to ``node`` (inclusive)."""
         out: list[int] = []
-        par = self.parents.tolist()
+        par = self.parent_list
         while node >= 0:
             out.append(node)
             node = par[node]
@@ -119,7 +131,7 @@ class DraftTree:
 
     @cached_property
     def leaves(self) -> list[int]:
-        has_child = set(p for p in self.parents.tolist() if p >= 0)
+        has_child = set(p for p in self.parent_list if p >= 0)
         return [i for i in range(len(self)) if i not in has_child]
 
     @cached_property
@@ -141,7 +153,7 @@ class DraftTree:
     @cached_property
     def is_chain(self) -> bool:
         """True when the slots form one causal chain (no mask or positions needed)."""
-        return bool((self.parents == torch.arange(-1, len(self) - 1, device=self.parents.device)).all())
+        return self.parent_list == list(range(-1, len(self) - 1))
 
     @property
     def expected_accept(self) -> float | None:

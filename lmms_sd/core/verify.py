@@ -51,7 +51,7 @@ def verify_greedy(tree: DraftTree, target_logits: Tensor) -> Verdict:
     """
     assert target_logits.shape[0] == len(tree) + 1, "one target row per slot"
     argmax = target_logits.argmax(-1).tolist()
-    tokens = tree.tokens.tolist()
+    tokens = tree.token_list
     accepted: list[int] = []
     slot = 0
     while True:
@@ -70,7 +70,7 @@ def verify_stochastic(tree: DraftTree, target_probs: Tensor,
     target_probs: # [N+1, V] processed target distributions (``logits_to_probs``)
     """
     assert target_probs.shape[0] == len(tree) + 1, "one target row per slot"
-    tokens = tree.tokens.tolist()
+    tokens = tree.token_list
     accepted: list[int] = []
     slot = 0
     while True:

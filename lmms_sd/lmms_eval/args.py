@@ -107,11 +107,12 @@ class SDArgs(CommonArgs):
                      with the target's tokenizer.
     draft_text_only: hide the image from a VLM draft (a text-only LM draft never sees it).
     tree:            tree builder name (``lmms_sd.trees``); its settings go in ``tree.<key>=``.
+                     Default ``auto``: planned at start-up from measured costs (``trees/auto.py``).
     """
 
     draft: str | None = None
     draft_text_only: bool = False
-    tree: str = "chain"
+    tree: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,11 @@ class _HeadArgs(CommonArgs):
 class MSDArgs(_HeadArgs):
     """``*_msd``: an MSD / EAGLE-2 draft head on the target's features (keys of ``_HeadArgs``).
 
-    tree:             tree builder name, default ``dynamic`` (EAGLE-2's tree, MSD's defaults).
+    tree:             tree builder name, default ``auto`` (planned at start-up from measured
+                      costs); ``dynamic`` is EAGLE-2's tree with MSD's defaults.
     """
 
-    tree: str = "dynamic"
+    tree: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,16 @@ One request, in order:
                (``args.generation_config``); max_new_tokens is clipped to the room the target's
                max positions leave (one warning per task), an overlong prompt is an error
   4. decode    the core loop with the method's drafter and tree builder (none with ``sd=off``)
-  5. baseline  with ``baseline=true`` the same prompt again, autoregressively
+  5. baseline  with ``baseline=true`` the same prompt again, autoregressively; the order of the
+               two alternates from request to request, so neither side always runs warm
                (4. and 5. are ``lmms_sd.api.Speculator.run``, the decoder of ``lmms_sd.load``)
   6. record    per-request statistics; after the last request every rank gathers them and
                rank 0 reports them to lmms-eval and writes the per-sample JSONL (``speed.py``)
 Requests the evaluator adds only to even out ranks (``__padding_only__``) are not decoded.
+Before the first request is timed, it is decoded once untimed (both ways with ``baseline=true``):
+a warm-up. With ``tree=auto`` (or MSD's ``tree=dynamic,tree.total_tokens=-1``, Sequoia's
+``tree=static,tree.budget=-1``) that warm-up is the start-up measurement that picks the tree
+(``autotree.py``); the choice goes into every record and the throughput section.
 Errors propagate: a request that fails to decode fails the run.
 """
 from __future__ import annotations
@@ -33,8 +38,10 @@ from tqdm import tqdm
 
 from ..api import Speculator, messages_and_images
 from ..core.generate import GenerationConfig
+from ..core.interfaces import PromptInputs
 from ..methods import method_class
 from .args import image_aspect_ratio, split_model_args
+from .autotree import StartUp
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
 
 
@@ -59,6 +66,8 @@ class SpeculativeLMM(lmms):
     is_simple: ClassVar[bool] = True
     family: ClassVar[str] = ""
     method: ClassVar[str] = ""
+    _warm: bool = False
+    _served: int = 0
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str,
@@ -81,6 +90,11 @@ class SpeculativeLMM(lmms):
         self._device = self.decoder.device  # the target's input embeddings' (device_map)
         self._clipped_tasks: set[str] = set()
 
+    @property
+    def startup(self) -> StartUp | None:
+        """What ``tree=auto`` measured and chose at start-up (None before or without it)."""
+        return self.decoder.startup
+
     # ------------------------------------------------------------------ lmms-eval API
     @property
     def device(self) -> torch.device:
@@ -95,6 +109,9 @@ class SpeculativeLMM(lmms):
         records: list[Record] = []
         if self.drafter is not None:
             self.decoder.method.plan([req.task_name for req in requests if not _padding(req)])
+        first = next((req for req in requests if not _padding(req)), None)
+        if first is not None and not self._warm:
+            self._warm_up(first)
         for req in tqdm(requests, disable=self.rank != 0, desc=f"{type(self).__name__}"):
             if _padding(req):
                 out.append(GenerationResult(text="", token_counts=None))  # discarded by lmms-eval
@@ -113,20 +130,37 @@ class SpeculativeLMM(lmms):
         raise NotImplementedError(f"{type(self).__name__} does not support multi-round tasks")
 
     # ------------------------------------------------------------------ one request
-    def _respond(self, req: Instance) -> tuple[str, Record, TokenCounts]:
+    def _warm_up(self, req: Instance) -> None:
+        """Decode ``req`` once, untimed and unrecorded; with ``tree=auto`` this plans the tree."""
+        _inputs, prompt, cfg = self._prepare(req)
+        self.decoder.warm_up(prompt, cfg, self.settings.baseline)
+        if self.decoder.startup is not None:
+            eval_logger.info(f"tree=auto chose {self.decoder.startup.plan.spec}: "
+                             f"{self.decoder.startup.to_dict()}")
+        self._warm = True
+
+    def _prepare(self, req: Instance) -> tuple[RequestInputs, PromptInputs, GenerationConfig]:
         inputs = self._request_inputs(req)                                          # 1.
-        task, doc_id, gen_kwargs = inputs.task, inputs.doc_id, inputs.gen_kwargs
-        aspect = image_aspect_ratio(gen_kwargs, self.settings.image_aspect_ratio)
+        aspect = image_aspect_ratio(inputs.gen_kwargs, self.settings.image_aspect_ratio)
         prompt = self.target.prepare(inputs.prompt, inputs.images,
                                      image_aspect_ratio=aspect)                       # 2.
-        cfg = self.decoder.config(gen_kwargs, seed=self.settings.seed + doc_id)      # 3.
-        self._check_length(task, doc_id, cfg, len(prompt.input_ids))
-        out = self.decoder.run(prompt, cfg, task, self.settings.baseline)           # 4., 5.
+        cfg = self.decoder.config(inputs.gen_kwargs,
+                                  seed=self.settings.seed + inputs.doc_id)            # 3.
+        self._check_length(inputs.task, inputs.doc_id, cfg, len(prompt.input_ids))
+        return inputs, prompt, cfg
+
+    def _respond(self, req: Instance) -> tuple[str, Record, TokenCounts]:
+        inputs, prompt, cfg = self._prepare(req)                                     # 1.-3.
+        task, doc_id, gen_kwargs = inputs.task, inputs.doc_id, inputs.gen_kwargs
+        ar_first = self.settings.baseline and self._served % 2 == 1                 # 5. order
+        self._served += 1
+        out = self.decoder.run(prompt, cfg, task, self.settings.baseline, ar_first)  # 4., 5.
         record: Record = {"task": task, "doc_id": doc_id, "rank": self.rank,
                           "device": str(self.device), "threads": torch.get_num_threads(),
                           "greedy": out.greedy, "stats": sample_stats(out.result),
                           **out.extras, "text_match": out.greedy_match,
-                          "baseline": None if out.baseline is None else sample_stats(out.baseline)}
+                          "baseline": None if out.baseline is None else sample_stats(out.baseline),
+                          "baseline_first": ar_first}
         if out.greedy_match is False:
             eval_logger.warning(f"{task} doc {doc_id}: greedy speculative output differs from "
                                 f"autoregressive\n  sd: {out.text!r}\n  ar: {out.baseline_text!r}")
@@ -170,7 +204,9 @@ class SpeculativeLMM(lmms):
         everyone = gather(records)
         if not self.accelerator.is_main_process:
             return
-        log_speed(everyone)
+        extra = {"threads": torch.get_num_threads(), "world_size": self.world_size}
+        startup = self.decoder.startup
+        log_speed(everyone, {**extra, **(startup.metrics() if startup else {})})
         path = Path(self.settings.stats_path) if self.settings.stats_path else results_dir_jsonl()
         if path is not None:
             write_jsonl(path, everyone)

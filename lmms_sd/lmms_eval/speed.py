@@ -121,9 +121,10 @@ def gather(records: list[Record]) -> list[Record]:
     return sorted(records, key=lambda r: (r["task"], r["doc_id"], r["rank"]))
 
 
-def log_speed(records: list[Record]) -> dict[str, dict[str, float]]:
-    """Hand the pooled metrics of the measured records to lmms-eval (call on rank 0 only, with
-    gathered records)."""
+def log_speed(records: list[Record], extra_metrics: dict[str, float] | None = None
+              ) -> dict[str, dict[str, float]]:
+    """Hand the pooled metrics of the measured records (and ``extra_metrics``, e.g. what
+    ``tree=auto`` chose) to lmms-eval (call on rank 0 only, with gathered records)."""
     from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
     measured = [r for r in records if r.get("measured", True)]
@@ -132,6 +133,7 @@ def log_speed(records: list[Record]) -> dict[str, dict[str, float]]:
     extra = {k: v for k, v in flat_metrics(summary).items()
              if k not in ("new_tokens", "wall_time", "tokens_per_second")}
     extra["total_requests"] = overall["requests"]
+    extra.update(extra_metrics or {})
     if len(measured) < len(records):
         extra["unmeasured_requests"] = len(records) - len(measured)
     log_metrics(total_elapsed_time=overall["wall_time"], total_gen_tokens=overall["new_tokens"],

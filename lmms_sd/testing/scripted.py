@@ -55,4 +55,4 @@ class ScriptedDrafter:
             depth = (self._nodes[p] if p >= 0 else 0) + 1
             self._nodes.append(depth)
             rows.append(self._row(self._proposal(depth + 1)))
-        return torch.stack(rows)
+        return rows[0][None] if len(rows) == 1 else torch.stack(rows)
