@@ -40,6 +40,10 @@ class GenerationConfig:
 
 @dataclass
 class StepStats:
+    """accepted: draft tokens of this step that were *emitted*. A step emits accepted + 1
+    tokens; in the step cut at EOS / stop string / budget, only the tokens before the cut count
+    (then the last emitted token may itself be an accepted draft, marked "draft" in ``origin``)."""
+
     tree_size: int
     tree_depth: int
     accepted: int
@@ -140,6 +144,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _trim_last_step(stats: GenerationStats, emitted: int) -> None:
+    """The last step emitted only ``emitted`` of its tokens (EOS / stop / budget): count only
+    those, so that sum(accepted + 1) over steps == new_tokens - 1 (the root is from prefill)."""
+    stats.steps[-1].accepted = emitted - 1
+
+
 StepObserver = Callable[[DraftTree, torch.Tensor, Verdict], None]
 
 
@@ -209,6 +219,7 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
                                      tree.expected_accept))
         cut = stop.cut(out, len(new))
         if cut is not None:
+            _trim_last_step(stats, len(new) - (len(out) - cut))
             del out[cut:], stats.origin[cut:]
             break
         root = verdict.next_token

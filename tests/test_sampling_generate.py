@@ -1,0 +1,226 @@
+"""Sampling through ``generate()`` follows the target's own autoregressive distribution.
+
+Real drafters (the tiny draft VLM, a random MSD head) on tiny LLaVA and Qwen2-VL targets with a
+13/16-token vocabulary (``small_vocab_tokenizer``), sampled at temperature 0.7 with top-k 6 and
+top-p 0.9, through chains (Leviathan rule), sampled trees (Sequoia rule: 3 siblings at the root,
+2 under each of the first two) and top-k trees (EAGLE-2 rule, ``DynamicBuilder``). Each draw is
+one ``generate()`` call (its own seed, ``max_new_tokens=3``, no EOS); the prefill is replayed
+from a cached forward (``Replay``), the decode steps are the real ones.
+
+The reference is computed independently of the code under test: the target's logits from
+Hugging Face's own full-sequence forward (no adapter, no KV cache) after the prompt, after each
+prompt + [a] and each prompt + [a, b], processed by a numpy re-implementation of temperature,
+top-k and top-p. Chi-square on the first speculative token t2 (its marginal), on the joint
+(t1, t2) (t1 comes from prefill) and on the joint (t2, t3) (the first two tokens the decode
+steps emit); cells expecting < 5 draws are pooled, a token of zero probability fails at once.
+
+Power (``DRAWS`` = 1200 per regime, pass threshold p > 1e-3 on each of the three tests).
+Computed from the non-central chi-square with the non-centrality n * sum((p' - p)^2 / p), where
+p' is the mutant's output distribution estimated from 12 000 draws of the mutated code (the
+run is in the README, section "Losslessness proofs"):
+- target ignores temperature / top-k / top-p (``mutants.py``: ``target_ignores_sampling``):
+  the target puts mass outside top-k/top-p, so tokens of zero reference probability appear;
+  the chance that none of 1200 draws of one regime shows one is below 1e-30 in every regime.
+- one coin shared by the sampled siblings of a slot (``shared_sibling_coin``): only the
+  sampled-tree regimes see it; power > 0.999 on the (t1, t2) joint in each family.
+``LMMS_SD_STAT_DRAWS`` scales the draws (the mutation script's heavy variant uses more).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from lmms_sd.adapters import HFAdapter, load_adapter
+from lmms_sd.core.generate import GenerationConfig, generate
+from lmms_sd.core.interfaces import Drafter, PromptInputs, StepOutput
+from lmms_sd.core.sampling import SamplingConfig
+from lmms_sd.drafters.model import ModelDrafter
+from lmms_sd.drafters.msd import MSDConfig, MSDDrafter, qwen2_vl_rope_index
+from lmms_sd.drafters.msd_format import new_msd_head
+from lmms_sd.testing.tiny import FAMILIES, build_tiny_suite, small_vocab_tokenizer, tiny_image
+from lmms_sd.trees import ChainBuilder, ChainConfig, DynamicBuilder, DynamicConfig, StaticBuilder
+from lmms_sd.trees.growmap import TreeShape
+from test_tree_verify_stats import pvalue
+
+SAMPLING = SamplingConfig(temperature=0.7, top_k=6, top_p=0.9)
+DRAWS = int(os.environ.get("LMMS_SD_STAT_DRAWS", "1200"))
+PASS_P = 1e-3
+SAMPLED_TREE = TreeShape((-1, -1, -1, 0, 0, 1, 1))
+
+
+# ---------------------------------------------------------------------------- the models
+
+class Replay:
+    """An adapter whose ``prefill`` replays one cached prefill of ``prompt``: the cache is cropped
+    back to the prompt (decode steps only write after it) and the cached output returned."""
+
+    def __init__(self, adapter: HFAdapter, prompt: PromptInputs):
+        self.adapter, self.prompt = adapter, prompt
+        self.out = adapter.prefill(prompt, hidden=True, embeds=True)
+        self.length = adapter.seq_len
+
+    def prefill(self, prompt: PromptInputs, *, hidden: bool = False,
+                embeds: bool = False) -> StepOutput:
+        assert prompt is self.prompt, "Replay serves one prompt"
+        self.adapter.crop(self.length)
+        return self.out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.adapter, name)
+
+
+@dataclass
+class Suite:
+    target: HFAdapter
+    draft_vlm: HFAdapter
+    prompt: PromptInputs
+
+
+@pytest.fixture(scope="module")
+def suites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Suite]:
+    root = tmp_path_factory.mktemp("small_vocab")
+    out = {}
+    for family in FAMILIES:
+        paths = build_tiny_suite(root, family, seed=0, tokenizer=small_vocab_tokenizer(family))
+        target, draft = load_adapter(paths["target"]), load_adapter(paths["draft_vlm"])
+        out[family] = Suite(target, draft, target.prepare("w1 w2 w3", [tiny_image(0)]))
+    return out
+
+
+def make_drafter(kind: str, suite: Suite) -> Drafter:
+    if kind == "draft_vlm":
+        return ModelDrafter(Replay(suite.draft_vlm, suite.prompt), vocab_size=suite.target.vocab_size)
+    torch.manual_seed(1)
+    model = suite.target.model
+    qwen = suite.target.family == "qwen2_vl"
+    return MSDDrafter(new_msd_head(model), MSDConfig(), qwen2_vl_rope_index(model) if qwen else None)
+
+
+# ---------------------------------------------------------------------------- the reference
+
+def processed(logits: np.ndarray, s: SamplingConfig) -> np.ndarray:
+    """# [V] logits -> the distribution decoding samples from: temperature, then the top_k
+    largest, then the smallest set of largest probabilities whose mass reaches top_p."""
+    x = logits.astype(np.float64) / s.temperature
+    order = np.argsort(-x, kind="stable")
+    keep = np.zeros(len(x), dtype=bool)
+    keep[order[: s.top_k or len(x)]] = True
+    p = np.where(keep, np.exp(x - x.max()), 0.0)
+    p /= p.sum()
+    mass = np.cumsum(p[order]) - p[order]  # mass of the larger tokens before each
+    p[order[mass >= s.top_p]] = 0.0
+    return p / p.sum()
+
+
+class HFNext:
+    """The target's logits after prompt + ``extra`` # [V], from Hugging Face's own forward: one
+    prefill of the prompt with the images, then ``extra`` on a copy of that cache (no adapter,
+    none of our KV code; Qwen2-VL takes its M-RoPE delta from its own prefill)."""
+
+    @torch.no_grad()
+    def __init__(self, target: HFAdapter, prompt: PromptInputs):
+        self.model = target.model
+        ids = prompt.input_ids[None]
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                         **prompt.model_kwargs)
+        self.first, self.cache = out.logits[0, -1].double().numpy(), out.past_key_values
+
+    @torch.no_grad()
+    def __call__(self, extra: list[int]) -> np.ndarray:
+        if not extra:
+            return self.first
+        ids = torch.tensor([extra], dtype=torch.long)
+        out = self.model(input_ids=ids, cache=copy.deepcopy(self.cache), use_cache=True)
+        return out.logits[0, -1].double().numpy()
+
+
+@dataclass(frozen=True)
+class Reference:
+    p12: np.ndarray  # [V, V] P(t1 = a, t2 = b)
+    p23: np.ndarray  # [V, V] P(t2 = b, t3 = c)
+
+
+def reference(target: HFAdapter, prompt: PromptInputs, s: SamplingConfig) -> Reference:
+    V, next_logits = target.vocab_size, HFNext(target, prompt)
+    p1 = processed(next_logits([]), s)
+    p12, p123 = np.zeros((V, V)), np.zeros((V, V, V))
+    for a in np.flatnonzero(p1):
+        p12[a] = p1[a] * processed(next_logits([a]), s)
+        for b in np.flatnonzero(p12[a]):
+            p123[a, b] = p12[a, b] * processed(next_logits([a, b]), s)
+    return Reference(p12, p123.sum(0))
+
+
+# ---------------------------------------------------------------------------- the draws
+
+@dataclass
+class Draws:
+    c12: np.ndarray   # [V, V] counts of (t1, t2)
+    c23: np.ndarray   # [V, V] counts of (t2, t3)
+    branching: int    # verify steps whose tree has a slot with two or more children
+
+
+def draw(suite: Suite, drafter_kind: str, builder: Callable, n: int, seed: int = 0) -> Draws:
+    V = suite.target.vocab_size
+    target = Replay(suite.target, suite.prompt)
+    drafter = make_drafter(drafter_kind, suite)
+    c12, c23 = np.zeros((V, V), dtype=np.int64), np.zeros((V, V), dtype=np.int64)
+    branching = 0
+
+    def watch(tree, logits, verdict) -> None:
+        nonlocal branching
+        branching += any(len(c) > 1 for c in tree.children)
+
+    for i in range(n):
+        cfg = GenerationConfig(max_new_tokens=3, sampling=SAMPLING, seed=seed + i)
+        t = generate(target, suite.prompt, cfg, drafter, builder, observer=watch).tokens
+        c12[t[0], t[1]] += 1
+        c23[t[1], t[2]] += 1
+    return Draws(c12, c23, branching)
+
+
+def pvalues(d: Draws, ref: Reference) -> dict[str, float]:
+    return {"t2": pvalue(d.c12.sum(0), ref.p12.sum(0)), "t1,t2": pvalue(d.c12, ref.p12),
+            "t2,t3": pvalue(d.c23, ref.p23)}
+
+
+BUILDERS = {
+    "chain": ChainBuilder(ChainConfig(k=2)),                              # sampled chain
+    "sampled_tree": StaticBuilder(SAMPLED_TREE),                          # Sequoia siblings
+    "topk_tree": DynamicBuilder(DynamicConfig(depth=1, top_k=3, total_tokens=6)),  # EAGLE-2
+}
+REGIMES = [  # (family, drafter, tree): each drafter meets each tree in one family
+    ("llava", "draft_vlm", "chain"), ("llava", "msd", "sampled_tree"),
+    ("llava", "draft_vlm", "topk_tree"),
+    ("qwen2_vl", "msd", "chain"), ("qwen2_vl", "draft_vlm", "sampled_tree"),
+    ("qwen2_vl", "msd", "topk_tree"),
+]
+
+
+@pytest.mark.parametrize("family,drafter,tree", REGIMES, ids=["-".join(r) for r in REGIMES])
+def test_generate_samples_the_target_distribution(suites: dict[str, Suite], family: str,
+                                                  drafter: str, tree: str) -> None:
+    suite = suites[family]
+    ref = reference(suite.target, suite.prompt, SAMPLING)
+    d = draw(suite, drafter, BUILDERS[tree], DRAWS)
+    p = pvalues(d, ref)
+    assert min(p.values()) > PASS_P, p
+    if tree != "chain":  # the regime did exercise sibling slots
+        assert d.branching >= DRAWS, d.branching
+
+
+def test_reference_is_not_degenerate(suites: dict[str, Suite]) -> None:
+    # the filters bite (some but not all tokens survive) and the draft disagrees with the
+    # target, so acceptance, rejection and the residual all occur
+    for suite in suites.values():
+        ref = reference(suite.target, suite.prompt, SAMPLING)
+        support = (ref.p12.sum(1) > 0).sum()
+        assert 2 <= support <= SAMPLING.top_k < suite.target.vocab_size, support
+        assert ref.p12.max() < 0.5
