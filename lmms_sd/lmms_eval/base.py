@@ -7,7 +7,8 @@ One request, in order:
   3. settings  ``gen_kwargs`` -> ``GenerationConfig`` (max_new_tokens, temperature, top_p, top_k,
                do_sample, until; num_beams > 1 is an error)
   4. decode    the core loop with the method's drafter and tree builder (none with ``sd=off``)
-  5. baseline  with ``baseline=true`` the same prompt again, autoregressively
+  5. baseline  with ``baseline=true`` the same prompt again, autoregressively; a greedy mismatch
+               is classified as a numerical tie or a real one (``mismatch.py``)
   6. record    per-request statistics; after the last request every rank gathers them and
                rank 0 reports them to lmms-eval and writes the per-sample JSONL (``speed.py``)
 Requests the evaluator adds only to even out ranks (``__padding_only__``) are not decoded.
@@ -34,6 +35,7 @@ from ..core.generate import GenerationResult as CoreResult
 from ..core.interfaces import Drafter, PromptInputs
 from ..trees import TreeBuilder, make_builder
 from .args import CommonArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
+from .mismatch import GapRecorder, classify
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
 
 
@@ -151,22 +153,37 @@ class SpeculativeLMM(lmms):
                                 eos_token_ids=self.target.eos_token_ids,
                                 seed=self.settings.seed + doc_id)                    # 3.
         observer = self.start_request(task, cfg) if self.drafter is not None else None
+        gaps = (GapRecorder(), GapRecorder()) if self.settings.baseline else None
+        if gaps is not None:  # top-2 logit gaps of both runs, to diagnose a greedy mismatch
+            observer = gaps[0] if observer is None else _both(observer, gaps[0])
         text, result = self._decode(prompt, cfg, self.drafter, observer)           # 4.
         extras = self.request_extras() if self.drafter is not None else {}
         record: Record = {"task": task, "doc_id": doc_id, "rank": self.rank,
                           "greedy": cfg.sampling.greedy, "stats": sample_stats(result),
-                          **extras, "baseline": None, "text_match": None}
+                          **extras, "baseline": None, "text_match": None, "mismatch": None}
         if self.settings.baseline and extras.get("measured", True):                # 5.
-            base_text, base = self._decode(prompt, cfg, None)
+            base_text, base = self._decode(prompt, cfg, None, gaps[1])
             record["baseline"] = sample_stats(base)
             if cfg.sampling.greedy:
                 record["text_match"] = text == base_text
                 if text != base_text:
-                    eval_logger.warning(f"{task} doc {doc_id}: greedy speculative output differs "
-                                        f"from autoregressive\n  sd: {text!r}\n  ar: {base_text!r}")
+                    record["mismatch"] = self._diagnose(task, doc_id, text, base_text, result,
+                                                        base, gaps)
         counts = TokenCounts(input_tokens=len(prompt.input_ids), output_tokens=len(result.tokens))
         self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), text)
         return text, record, counts                                                 # 6.
+
+    def _diagnose(self, task: str, doc_id: int, text: str, base_text: str, result: CoreResult,
+                  base: CoreResult, gaps: tuple[GapRecorder, GapRecorder]) -> dict | None:
+        """Classify a greedy mismatch (``mismatch.py``): a tie is a warning, a real one an error."""
+        found = classify(result.tokens, base.tokens, *gaps, self.target.dtype)
+        if found is None:
+            return None
+        log = eval_logger.warning if found.kind == "tie" else eval_logger.error
+        log(f"{task} doc {doc_id}: greedy speculative output differs from autoregressive at "
+            f"token {found.position} ({found.kind}: top-2 logit gap sd {found.gap_sd}, ar "
+            f"{found.gap_ar}, tolerance {found.tolerance:.3g})\n  sd: {text!r}\n  ar: {base_text!r}")
+        return found.to_dict()
 
     def _decode(self, prompt: PromptInputs, cfg: GenerationConfig, drafter: Drafter | None,
                 observer: StepObserver | None = None) -> tuple[str, CoreResult]:
@@ -201,6 +218,14 @@ class SpeculativeLMM(lmms):
         if path is not None:
             write_jsonl(path, everyone)
             eval_logger.info(f"per-sample speed statistics: {path}")
+
+
+def _both(first: StepObserver, second: StepObserver) -> StepObserver:
+    def observe(tree, target_logits, verdict) -> None:
+        first(tree, target_logits, verdict)
+        second(tree, target_logits, verdict)
+
+    return observe
 
 
 def _padding(req: Instance) -> bool:
