@@ -48,31 +48,36 @@ MUTANTS = [
     Mutant("target_ignores_sampling", "core/generate.py",  # the first mutant
            "verify_stochastic(tree, logits_to_probs(res.logits, cfg.sampling), gen)",
            "verify_stochastic(tree, logits_to_probs(res.logits, SamplingConfig()), gen)",
-           _stats("llava-draft_vlm-chain"), fast=True),
+           _stats("llava-msd-chain"), fast=True),
     Mutant("shared_sibling_coin", "core/verify.py",  # the second: one coin per slot
+           "r = float(torch.rand((), generator=generator, dtype=torch.float64))",  # (Sequoia)
+           "r = r if q is not None and child != tree.children[slot][0] else float(torch.rand("
+           "(), generator=generator, dtype=torch.float64))",
+           _stats("llava-draft_vlm-sampled_tree"), fast=True),
+    Mutant("shared_sibling_coin_point_mass", "core/verify.py",  # the same in the EAGLE rule
            "r = float(torch.rand((), generator=generator, dtype=torch.float64))",
-           "r = r if child != tree.children[slot][0] else float(torch.rand((), "
-           "generator=generator, dtype=torch.float64))",
-           _stats("llava-msd-sampled_tree"), fast=True),
+           "r = r if q is None and child != tree.children[slot][0] else float(torch.rand("
+           "(), generator=generator, dtype=torch.float64))",
+           _stats("qwen2_vl-msd-topk_tree")),
     Mutant("residual_dropped", "core/verify.py",
            "p = residual(p, q)", "p = p",
-           _stats("llava-draft_vlm-chain")),
+           _stats("llava-msd-chain")),
     Mutant("bonus_from_residual", "core/verify.py",  # bonus after a sampled leaf from relu(p - q)
            "return Verdict(accepted, sample(p.float(), generator))",
            "return Verdict(accepted, sample((residual(p, tree.draft_probs[int(tree.parents["
            "accepted[-1]]) + 1].double()) if tree.sampled and accepted and not "
            "tree.children[slot] else p).float(), generator))",
-           _stats("llava-draft_vlm-chain", "qwen2_vl-msd-chain")),
+           _stats("llava-msd-chain", "qwen2_vl-draft_vlm-chain")),
     Mutant("q_not_renormalised", "core/verify.py",
            "q = q / qs if qs > 0 else q", "q = q",
-           _stats("llava-msd-sampled_tree", "qwen2_vl-draft_vlm-sampled_tree")),
+           _stats("llava-draft_vlm-sampled_tree", "qwen2_vl-draft_vlm-sampled_tree")),
     Mutant("point_mass_not_renormalised", "core/verify.py",  # EAGLE rule after a rejection
            "p = p / p.sum()", "p = p",
-           _stats("llava-draft_vlm-topk_tree", "qwen2_vl-msd-topk_tree")),
+           _stats("qwen2_vl-msd-topk_tree", "llava-draft_vlm-topk_tree")),
     Mutant("top_p_drops_the_crossing_token", "core/sampling.py",
            "drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p",
            "drop_sorted = sorted_p.cumsum(-1) > cfg.top_p",
-           _stats("llava-draft_vlm-chain")),
+           _stats("llava-msd-chain")),
     Mutant("kv_keep_off_by_one", "core/kv.py",  # gathers the entry before each kept one
            "idx = start + indices.to(layer.keys.device)",
            "idx = start - 1 + indices.to(layer.keys.device)",
