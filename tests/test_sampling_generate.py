@@ -17,7 +17,24 @@ token t2 (its marginal), on the joint (t1, t2) (t1 comes from prefill) and on th
 (t2, t3) (the first two tokens the decode steps emit); cells expecting < 5 draws are pooled, a
 token of zero probability fails at once. A regime passes when all three p-values exceed 1e-3.
 
-POWER_NOTE
+Power at ``DRAWS`` = 1200 per regime (``mutants.py`` names the mutants):
+- ``target_ignores_sampling`` (the target's rows in verification are a plain softmax): the
+  output then follows the unfiltered target, which gives tokens outside top-k / top-p
+  probability 0.23 (LLaVA) / 0.25 (Qwen2-VL) at t2, computed from the same reference forwards;
+  a zero-probability token fails the test, so the chance of missing it is (1 - 0.23)^1200
+  < 1e-130 in any regime.
+- ``shared_sibling_coin`` (one uniform reused by the sampled siblings of a slot, Sequoia rule):
+  only sampled trees see it, and only where a later sibling's p'/q' lies strictly between 0
+  and 1. Estimated by simulation (``python -m lmms_sd.testing.mutants --only
+  shared_sibling_coin --power llava-draft_vlm-sampled_tree --draws 2000``: 2000 draws of the
+  mutated code give the mutant's distribution, the non-central chi-square gives the power):
+  0.54 at 1200 draws for the (t1, t2) joint of the LLaVA regime alone (p-values of those 2000
+  mutant draws: 2e-4, 4e-7, 4e-5); the Qwen2-VL sampled-tree regime adds its own chance (not
+  estimated). Hence CI (``tests/test_mutants.py``) runs the EAGLE-rule variant below, and the
+  mutation script runs both sampled-tree regimes at 2000 draws (``HEAVY_DRAWS``).
+- ``shared_sibling_coin_point_mass`` (the same in the EAGLE rule): the second sibling's
+  acceptance drops from p2 / (1 - p1) to (p2 / (1 - p1) - p1) / (1 - p1): caught at 400 draws
+  (``tests/test_mutants.py``).
 
 ``LMMS_SD_STAT_DRAWS`` sets the draws; ``LMMS_SD_STAT_FULL=1`` (set by the mutation script)
 adds regimes so that each drafter meets each tree in some family.
@@ -47,12 +64,12 @@ from lmms_sd.trees import ChainBuilder, ChainConfig, DynamicBuilder, DynamicConf
 from lmms_sd.trees.growmap import TreeShape
 from test_tree_verify_stats import pvalue
 
-SAMPLING = SamplingConfig(temperature=0.7, top_k=4, top_p=0.9)
+SAMPLING = SamplingConfig(temperature=0.7, top_k=6, top_p=0.95)
 DRAWS = int(os.environ.get("LMMS_SD_STAT_DRAWS", "1200"))
 PASS_P = 1e-3
 SAMPLED_TREE = TreeShape((-1, -1, -1, -1, 0, 0, 1, 1))
 NOISE = 0.05  # relative noise of the drafts' weights
-SHARPEN = 3.0  # the draft VLM's logits are the (noisy) target's times this
+SHARPEN = 1.6  # the draft VLM's logits are the (noisy) target's times this
 
 
 # ---------------------------------------------------------------------------- the models

@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 STATS = "tests/test_sampling_generate.py"
 TREES = "tests/test_lossless.py::test_scripted_trees_accept_later_siblings"
+HEAVY_DRAWS = "2000"  # draws per statistical regime here, unless LMMS_SD_STAT_DRAWS says
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,12 @@ MUTANTS = [
            "r = float(torch.rand((), generator=generator, dtype=torch.float64))",  # (Sequoia)
            "r = r if q is not None and child != tree.children[slot][0] else float(torch.rand("
            "(), generator=generator, dtype=torch.float64))",
-           _stats("llava-draft_vlm-sampled_tree"), fast=True),
+           _stats("llava-draft_vlm-sampled_tree", "qwen2_vl-draft_vlm-sampled_tree")),
     Mutant("shared_sibling_coin_point_mass", "core/verify.py",  # the same in the EAGLE rule
            "r = float(torch.rand((), generator=generator, dtype=torch.float64))",
            "r = r if q is None and child != tree.children[slot][0] else float(torch.rand("
            "(), generator=generator, dtype=torch.float64))",
-           _stats("qwen2_vl-msd-topk_tree")),
+           _stats("qwen2_vl-msd-topk_tree"), fast=True),
     Mutant("residual_dropped", "core/verify.py",
            "p = residual(p, q)", "p = p",
            _stats("llava-msd-chain")),
@@ -124,7 +125,8 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float,
               env: dict[str, str] | None = None) -> tuple[int, str]:
     """pytest over ``tests`` inside ``root`` (``env`` added to the environment): (exit
     status, last lines of output)."""
-    env = {**os.environ, "LMMS_SD_STAT_FULL": "1", **(env or {}), "PYTHONPATH": str(root)}
+    env = {"LMMS_SD_STAT_DRAWS": HEAVY_DRAWS, **os.environ, "LMMS_SD_STAT_FULL": "1",
+           **(env or {}), "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
                           timeout=timeout)
