@@ -45,7 +45,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pytest
@@ -102,10 +102,10 @@ class Suite:
 
 @torch.no_grad()
 def build_suite(root: Path, family: str) -> Suite:
-    """A 1-layer target; the draft VLM is a noisy copy of it with its logits doubled: close to
-    the target, as a trained draft is, and over-confident, as small drafts are. Then the
-    first sibling is often rejected although likely (p/q near 1/2) and a later one is
-    accepted with p'/q' strictly between 0 and 1: where a reused coin shows most."""
+    """A 1-layer target; the draft VLM is a noisy copy of it with its logits times SHARPEN:
+    close to the target, as a trained draft is, and over-confident, as small drafts are. Then
+    a likely first sibling is often rejected (p/q well inside (0, 1)) and a later one accepted
+    with p'/q' strictly between 0 and 1: where a reused coin shows most."""
     paths = build_tiny_suite(root, family, seed=0, tokenizer=small_vocab_tokenizer(family),
                              target_layers=1)
     target, draft = load_adapter(paths["target"]), load_adapter(paths["target"])
@@ -115,7 +115,7 @@ def build_suite(root: Path, family: str) -> Suite:
 
 
 @torch.no_grad()
-def perturb(params, seed: int, scale: float = NOISE) -> None:
+def perturb(params: Iterable[torch.Tensor], seed: int, scale: float = NOISE) -> None:
     """Add Gaussian noise of ``scale`` times each tensor's own spread (or 1 for constants)."""
     gen = torch.Generator().manual_seed(seed)
     for p in params:

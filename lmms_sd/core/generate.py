@@ -40,9 +40,10 @@ class GenerationConfig:
 
 @dataclass
 class StepStats:
-    """accepted: draft tokens of this step that were *emitted*. A step emits accepted + 1
-    tokens; in the step cut at EOS / stop string / budget, only the tokens before the cut count
-    (then the last emitted token may itself be an accepted draft, marked "draft" in ``origin``)."""
+    """accepted: the tokens this step emitted, less one (in an uncut step, its accepted drafts).
+    The step cut at EOS / stop string / budget counts only the tokens before the cut, so there
+    the last emitted token may be an accepted draft ("draft" in ``origin``) that ``accepted``
+    does not count: sum(accepted + 1) over the steps is always the emitted tokens less one."""
 
     tree_size: int
     tree_depth: int

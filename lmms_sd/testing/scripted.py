@@ -4,7 +4,8 @@ Given the reference output (the target's greedy tokens), every step it drafts
 ``reference[pos : pos + good]`` followed by a token that differs from the reference, so partial
 acceptance (``good`` accepted, then a rejection) is exercised at every step. Beyond the script
 it proposes token 0. Logits are one-hot-like (0 for the proposal, -inf elsewhere), so any tree
-builder picks the scripted token first.
+builder picks the scripted token first. ``ScriptedTreeDrafter`` does the same for branching
+trees, with the reference token at later siblings.
 """
 from __future__ import annotations
 
