@@ -33,6 +33,8 @@ from ..adapters import HFAdapter, load_adapter
 from ..core.generate import GenerationConfig, StepObserver, generate
 from ..core.generate import GenerationResult as CoreResult
 from ..core.interfaces import Drafter, PromptInputs
+from ..core.tree import DraftTree
+from ..core.verify import Verdict
 from ..trees import TreeBuilder, make_builder
 from .args import CommonArgs, cut_at_stop, generation_config, parse_model_args, split_model_args
 from .mismatch import GapRecorder, classify
@@ -221,7 +223,9 @@ class SpeculativeLMM(lmms):
 
 
 def _both(first: StepObserver, second: StepObserver) -> StepObserver:
-    def observe(tree, target_logits, verdict) -> None:
+    """One observer that calls ``first``, then ``second``."""
+
+    def observe(tree: DraftTree, target_logits: torch.Tensor, verdict: Verdict) -> None:
         first(tree, target_logits, verdict)
         second(tree, target_logits, verdict)
 
