@@ -1,12 +1,11 @@
 """Sampling through ``generate()`` follows the target's own autoregressive distribution.
 
 Real drafters on tiny 1-layer LLaVA and Qwen2-VL targets with a 13/16-token vocabulary
-(``small_vocab_tokenizer``), sampled at temperature 0.7 with top-k 4 and top-p 0.9: a draft VLM
+(``small_vocab_tokenizer``), sampled at temperature 0.7 with top-k 6 and top-p 0.95: a draft VLM
 (a noisy copy of the target with sharpened logits, see ``build_suite``) and an MSD head (the
 target's layer, noisy, see ``close_head``), through chains of one token (Leviathan rule; the
-bonus token after an accepted draft is t3), sampled trees
-(Sequoia rule: 4 siblings at the root, 2 under each of the first two) and top-k trees (EAGLE-2
-rule, ``DynamicBuilder``). Each draw is one ``generate()`` call (its own seed,
+bonus token after an accepted draft is t3), sampled trees (Sequoia rule: 4 siblings at the
+root, 2 under each of the first two) and top-k trees (EAGLE-2 rule, ``DynamicBuilder``). Each draw is one ``generate()`` call (its own seed,
 ``max_new_tokens=3``, no EOS); the prefill is replayed from a cached forward (``Replay``), the
 decode steps are the real ones.
 
