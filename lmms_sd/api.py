@@ -28,8 +28,11 @@ from .adapters.loading import model_type
 from .core.generate import GenerationConfig, GenerationStats, StepObserver, generate
 from .core.generate import GenerationResult as CoreResult
 from .core.interfaces import PromptInputs
+from .core.tree import DraftTree
+from .core.verify import Verdict
 from .lmms_eval.args import cut_at_stop, generation_config, image_aspect_ratio
 from .lmms_eval.autotree import StartUp, plan_at_startup
+from .lmms_eval.mismatch import GapRecorder, Mismatch, classify
 from .methods import FAMILIES, Method, MSDCalibrated, method_class, split_model_name
 
 ImageLike = Image.Image | str | Path  # a PIL image, a file path or a data: URL
@@ -47,6 +50,7 @@ class Generation:
     baseline: CoreResult | None = None
     baseline_text: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    mismatch: Mismatch | None = None  # a greedy mismatch's diagnosis (tie or real)
 
     @property
     def tokens(self) -> list[int]:
@@ -93,6 +97,7 @@ class Generation:
                 "greedy": self.greedy, "greedy_match": self.greedy_match,
                 "stats": self.stats.to_dict(),
                 "baseline": None if self.baseline is None else self.baseline.stats.to_dict(),
+                "mismatch": None if self.mismatch is None else self.mismatch.to_dict(),
                 **self.extras}
 
 
@@ -185,16 +190,23 @@ class Speculator:
         speculative = self.drafter is not None
         if speculative and self.builder is None:
             self.warm_up(prompt, cfg, False)
-        early = self._decode(prompt, cfg, False) if baseline and baseline_first else None
+        # top-2 logit gaps of both runs, to tell a numerical tie from a real mismatch
+        gaps = (GapRecorder(), GapRecorder()) if baseline else None
+        early = self._decode(prompt, cfg, False, gaps[1]) if gaps and baseline_first else None
         observer = self.method.start_request(task, cfg) if speculative else None
+        if gaps is not None:
+            observer = gaps[0] if observer is None else _both(observer, gaps[0])
         text, result = self._decode(prompt, cfg, speculative, observer)
         extras = self.method.request_extras() if speculative else {}
         if self.startup is not None:
             extras = {"tree": self.startup.to_dict(), **extras}
         if not (baseline and extras.get("measured", True)):
             return Generation(text, result, cfg.sampling.greedy, extras=extras)
-        base_text, base = early or self._decode(prompt, cfg, False)
-        return Generation(text, result, cfg.sampling.greedy, base, base_text, extras)
+        base_text, base = early or self._decode(prompt, cfg, False, gaps[1])
+        mismatch = None
+        if cfg.sampling.greedy and text != base_text:
+            mismatch = classify(result.tokens, base.tokens, *gaps, self.target.dtype)
+        return Generation(text, result, cfg.sampling.greedy, base, base_text, extras, mismatch)
 
     def _decode(self, prompt: PromptInputs, cfg: GenerationConfig, speculative: bool,
                 observer: StepObserver | None = None) -> tuple[str, CoreResult]:
@@ -202,6 +214,16 @@ class Speculator:
         result = generate(self.target, prompt, cfg, drafter, builder, self.target.decode,
                           observer=observer)
         return cut_at_stop(self.target.decode(result.tokens), cfg.stop_strings), result
+
+
+def _both(first: StepObserver, second: StepObserver) -> StepObserver:
+    """One observer that calls ``first``, then ``second``."""
+
+    def observe(tree: DraftTree, target_logits: torch.Tensor, verdict: Verdict) -> None:
+        first(tree, target_logits, verdict)
+        second(tree, target_logits, verdict)
+
+    return observe
 
 
 def load(target: str | Path, method: str = "msd", *, draft: str | Path | None = None,

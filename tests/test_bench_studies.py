@@ -187,6 +187,11 @@ def test_offered_positions_by_hand():
                                                     (5, True), (6, True)]
     with pytest.raises(ValueError, match="contradicts"):
         list(plots.offered_positions({**stats, "origin": "tdtddddt"}))
+    # a last step cut after two accepted drafts counts one (tokens emitted less one)
+    cut = {"tokens": list(range(6)), "origin": "tddtdd", "accepted_per_step": [2, 1],
+           "tree_size_per_step": [3, 3]}
+    assert list(plots.offered_positions(cut)) == [(1, True), (2, True), (3, False), (4, True),
+                                                  (5, True)]
 
 
 def _png_size(path) -> tuple[int, int]:

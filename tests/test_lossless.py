@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import pytest
 
 from lmms_sd.adapters import HFAdapter
-from lmms_sd.core.generate import GenerationConfig, generate
+from lmms_sd.core.generate import GenerationConfig, GenerationStats, generate
 from lmms_sd.core.interfaces import PromptInputs
 from lmms_sd.drafters.cascade import CascadeConfig, CascadeDrafter
 from lmms_sd.drafters.model import ModelDrafter
 from lmms_sd.drafters.ngram import MaGDrafter
-from lmms_sd.testing.scripted import ScriptedDrafter
+from lmms_sd.testing.scripted import ScriptedDrafter, ScriptedTreeDrafter
 from lmms_sd.trees import make_builder
 
 MAX_NEW = 24
@@ -94,7 +94,19 @@ def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_a
         assert stats.new_tokens == len(reference)
         assert stats.target_forwards == 1 + stats.decode_steps
         assert len(stats.origin) == len(reference) and stats.origin[0] == "target"
-        assert stats.origin.count("draft") <= sum(s.accepted for s in stats.steps)
+        assert_stats_describe_emitted(stats)
+
+
+def assert_stats_describe_emitted(stats: GenerationStats) -> None:
+    """Per-step counts, tau and origin count exactly the emitted tokens, after any cut."""
+    accepted = [s.accepted for s in stats.steps]
+    assert sum(a + 1 for a in accepted) == stats.new_tokens - 1  # the first from prefill
+    assert stats.tau == pytest.approx((stats.new_tokens - 1) / max(1, stats.decode_steps))
+    drafts = stats.origin.count("draft")  # the cut step may end on an accepted draft token
+    assert drafts - sum(accepted) in ((0, 1) if stats.steps else (0,))
+    if drafts > sum(accepted):
+        assert stats.origin[-1] == "draft"
+    assert stats.to_dict()["accepted_per_step"] == accepted
 
 
 def test_scripted_drafter_exercises_partial_acceptance(family: str, tiny_adapters, references):
@@ -131,6 +143,7 @@ def test_stop_string_inside_an_accepted_block(family: str, tiny_adapters, refere
                   make_builder("chain", k=8), decode=target.decode)
     assert ar.tokens == sd.tokens == reference[: first + 1]
     assert sd.stats.decode_steps < ar.stats.decode_steps  # the stop fell inside one block
+    assert_stats_describe_emitted(sd.stats)
 
 
 def test_eos_inside_an_accepted_block(family: str, tiny_adapters, references):
@@ -145,3 +158,84 @@ def test_eos_inside_an_accepted_block(family: str, tiny_adapters, references):
     sd = generate(target, prompt, cfg, ScriptedDrafter(reference, 8, target.vocab_size),
                   make_builder("chain", k=8))
     assert ar.tokens == sd.tokens == reference[: first + 1]
+    assert_stats_describe_emitted(sd.stats)
+    assert sd.stats.steps[-1].accepted == first - 1  # cut inside its block of 9: counted to EOS
+
+
+def test_stop_string_spanning_two_accepted_blocks(family: str, tiny_adapters, references):
+    """A stop string that begins in the last token of one step's block and completes in the
+    first token of the next stops both decoders on the completing token."""
+    target = tiny_adapters[family]["target"]
+    prompt, reference = references[family][0]
+    good = 2  # steps emit good + 1 tokens: blocks [0], [1..3], [4..6], ...
+    text_at = [target.decode(reference[: j + 1]) for j in range(len(reference))]
+    for b in range(good + 2, len(reference), good + 1):  # b: the first token of a block
+        stop = text_at[b][len(text_at[b - 2]):]
+        if (text_at[b - 1] != text_at[b - 2] and text_at[b] != text_at[b - 1]
+                and stop.strip() and stop not in text_at[b - 1]):
+            break
+    else:
+        pytest.skip("no two-token stop string across a block boundary in the reference")
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids,
+                           stop_strings=(stop,))
+    ar = generate(target, prompt, cfg, decode=target.decode)
+    sd = generate(target, prompt, cfg, ScriptedDrafter(reference, good, target.vocab_size),
+                  make_builder("chain", k=good + 1), decode=target.decode)
+    assert ar.tokens == sd.tokens == reference[: b + 1]
+    assert [s.accepted for s in sd.stats.steps][-1] == 0  # the last block: its first token
+    assert_stats_describe_emitted(sd.stats)
+
+
+class KeepLog:
+    """A target adapter that records the indices of every ``keep`` call."""
+
+    def __init__(self, adapter: HFAdapter):
+        self.adapter, self.calls = adapter, []
+
+    def keep(self, start: int, indices) -> None:
+        self.calls.append(indices.tolist())
+        self.adapter.keep(start, indices)
+
+    def __getattr__(self, name: str):
+        return getattr(self.adapter, name)
+
+
+TREE_ROWS = [
+    ("dynamic", {"depth": 4, "top_k": 3, "total_tokens": 16}),
+    ("opt", {"nodes": 12, "threshold": 0.0, "max_depth": 5}),
+    ("static", {"acceptance": "0.5,0.3,0.15", "budget": 14, "depth": 5}),
+]
+
+
+@pytest.mark.parametrize("name,params", TREE_ROWS, ids=[r[0] for r in TREE_ROWS])
+def test_scripted_trees_accept_later_siblings(name: str, params: dict, family: str,
+                                              tiny_adapters, references):
+    """Real branching trees whose right token sits at sibling 2, 3, ... at mixed depths: the
+    output equals the target's, and the test counts what it exercised."""
+    target = tiny_adapters[family]["target"]
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
+    builder = make_builder(name, **params)
+    steps = branching = later_sibling = deep = 0
+
+    def watch(tree, logits, verdict) -> None:
+        nonlocal steps, branching, later_sibling, deep
+        steps += 1
+        branching += not tree.is_chain
+        par = tree.parents.tolist()
+        later_sibling += sum(tree.children[par[a] + 1].index(a) > 0 for a in verdict.accepted)
+        deep += verdict.num_accepted >= 2
+
+    gapped = 0
+    for prompt, reference in references[family]:
+        logged = KeepLog(target)
+        drafter = ScriptedTreeDrafter(reference, target.vocab_size)
+        result = generate(logged, prompt, cfg, drafter, builder, observer=watch)
+        assert result.tokens == reference, f"{name} diverged from target.generate"
+        assert_stats_describe_emitted(result.stats)
+        gapped += sum(c != list(range(len(c))) for c in logged.calls)
+    # no tree collapsed into a chain, except a request's last step when the budget leaves no
+    # room to draft (the core cuts trees to the tokens left)
+    assert steps > 0 and steps - branching <= len(references[family]), (branching, steps)
+    assert later_sibling >= steps // 2, (later_sibling, steps)
+    assert gapped >= steps // 2, (gapped, steps)        # keep() through a non-first sibling
+    assert deep >= steps // 4, (deep, steps)            # mixed depths: 2+ tokens accepted

@@ -55,6 +55,11 @@ class GenerationConfig:
 
 @dataclass
 class StepStats:
+    """accepted: the tokens this step emitted, less one (in an uncut step, its accepted drafts).
+    The step cut at EOS / stop string / budget counts only the tokens before the cut, so there
+    the last emitted token may be an accepted draft ("draft" in ``origin``) that ``accepted``
+    does not count: sum(accepted + 1) over the steps is always the emitted tokens less one."""
+
     tree_size: int
     tree_depth: int
     accepted: int
@@ -155,6 +160,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _trim_last_step(stats: GenerationStats, emitted: int) -> None:
+    """The last step emitted only ``emitted`` of its tokens (EOS / stop / budget): count only
+    those, so that sum(accepted + 1) over steps == new_tokens - 1 (the root is from prefill)."""
+    stats.steps[-1].accepted = emitted - 1
+
+
 StepObserver = Callable[[DraftTree, torch.Tensor, Verdict], None]
 
 
@@ -238,6 +249,7 @@ def generate(target: ModelAdapter, prompt: PromptInputs, cfg: GenerationConfig,
                                      tree.expected_accept))
         cut = stop.cut(out, len(new))
         if cut is not None:
+            _trim_last_step(stats, len(new) - (len(out) - cut))
             del out[cut:], stats.origin[cut:]
             break
         root = verdict.next_token

@@ -10,7 +10,8 @@ One request, in order:
                max positions leave (one warning per task), an overlong prompt is an error
   4. decode    the core loop with the method's drafter and tree builder (none with ``sd=off``)
   5. baseline  with ``baseline=true`` the same prompt again, autoregressively; the order of the
-               two alternates from request to request, so neither side always runs warm
+               two alternates from request to request, so neither side always runs warm; a
+               greedy mismatch is classified as a numerical tie or a real one (``mismatch.py``)
                (4. and 5. are ``lmms_sd.api.Speculator.run``, the decoder of ``lmms_sd.load``)
   6. record    per-request statistics; after the last request every rank gathers them and
                rank 0 reports them to lmms-eval and writes the per-sample JSONL (``speed.py``)
@@ -160,10 +161,17 @@ class SpeculativeLMM(lmms):
                           "greedy": out.greedy, "stats": sample_stats(out.result),
                           **out.extras, "text_match": out.greedy_match,
                           "baseline": None if out.baseline is None else sample_stats(out.baseline),
-                          "baseline_first": ar_first}
-        if out.greedy_match is False:
-            eval_logger.warning(f"{task} doc {doc_id}: greedy speculative output differs from "
-                                f"autoregressive\n  sd: {out.text!r}\n  ar: {out.baseline_text!r}")
+                          "baseline_first": ar_first,
+                          "mismatch": None if out.mismatch is None else out.mismatch.to_dict()}
+        if out.greedy_match is False:  # a tie is a warning, a real mismatch an error
+            found = out.mismatch
+            log = eval_logger.error if found is None or found.kind == "real" else \
+                eval_logger.warning
+            where = "" if found is None else (
+                f" at token {found.position} ({found.kind}: top-2 logit gap sd {found.gap_sd}, "
+                f"ar {found.gap_ar}, tolerance {found.tolerance:.3g})")
+            log(f"{task} doc {doc_id}: greedy speculative output differs from autoregressive"
+                f"{where}\n  sd: {out.text!r}\n  ar: {out.baseline_text!r}")
         counts = TokenCounts(input_tokens=len(prompt.input_ids), output_tokens=len(out.tokens))
         self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), out.text)
         return out.text, record, counts                                             # 6.
@@ -211,6 +219,16 @@ class SpeculativeLMM(lmms):
         if path is not None:
             write_jsonl(path, everyone)
             eval_logger.info(f"per-sample speed statistics: {path}")
+
+
+def _both(first: StepObserver, second: StepObserver) -> StepObserver:
+    """One observer that calls ``first``, then ``second``."""
+
+    def observe(tree: DraftTree, target_logits: torch.Tensor, verdict: Verdict) -> None:
+        first(tree, target_logits, verdict)
+        second(tree, target_logits, verdict)
+
+    return observe
 
 
 def _padding(req: Instance) -> bool:

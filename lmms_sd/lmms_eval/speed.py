@@ -8,6 +8,8 @@ A *record* is a JSON-friendly dict per decoded request (padding duplicates exclu
                                  ("d" draft / "t" target per token) and the per-step lists
   baseline                       the same for the autoregressive run (``baseline=true``) or None
   text_match                     greedy requests with a baseline: SD text == autoregressive text
+  mismatch                       where text_match is False: first differing token, both runs'
+                                 top-2 logit gaps there, tolerance, kind "tie" or "real"
   measured (optional)            False for requests that only serve the method (calibration
                                  requests of ``*_msd_calibrated``): kept in the JSONL, left out
                                  of the summary and not run again as a baseline
@@ -20,6 +22,8 @@ Summary metrics (per task and overall; ``summarize`` is a pure function of the r
   target_forwards_per_token  target forwards (prefill included) / emitted tokens
   speedup                    tokens_per_second / baseline_tokens_per_second (same requests)
   mismatches                 greedy requests whose text differs from the baseline's
+  tie_mismatches             ... of which at a numerical tie of the target's top-2 logits
+  real_mismatches            ... of which not at a tie: a bug (``mismatch.py``)
 Ratios whose denominator is zero are left out rather than reported as 0.
 
 All ranks gather their records (``torch.distributed.all_gather_object``); rank 0 alone calls
@@ -88,6 +92,8 @@ def summarize(records: list[Record]) -> dict[str, float]:
         compared = [r for r in paired if r["text_match"] is not None]
         out["compared"] = len(compared)
         out["mismatches"] = sum(not r["text_match"] for r in compared)
+        kinds = [(r.get("mismatch") or {}).get("kind") for r in compared]
+        out["tie_mismatches"], out["real_mismatches"] = kinds.count("tie"), kinds.count("real")
     return out
 
 

@@ -217,7 +217,7 @@ def tiny_prompts() -> list[tuple[str, list[Image.Image]]]:
 
 
 def build_tiny_models(family: str, seed: int = 0,
-                      tokenizer: PreTrainedTokenizerFast | None = None,
+                      tokenizer: PreTrainedTokenizerFast | None = None, target_layers: int = 4,
                       ) -> tuple[dict[str, PreTrainedModel], Any, PreTrainedTokenizerFast]:
     """In-memory ``({target, draft_vlm, text_only}, processor, tokenizer)`` for ``family``,
     with random weights seeded by ``seed`` (+1, +2 for the drafts)."""
@@ -226,13 +226,13 @@ def build_tiny_models(family: str, seed: int = 0,
     if family == "llava":
         classes = (LlavaForConditionalGeneration, LlavaForConditionalGeneration, LlamaForCausalLM)
         processor = llava_processor(tok)
-        cfgs = (llava_config(tok), llava_config(tok, layers=1, width=64, heads=2),
+        cfgs = (llava_config(tok, layers=target_layers), llava_config(tok, layers=1, width=64, heads=2),
                 llama_config(tok, layers=1, width=64, heads=2))
     else:
         classes = (Qwen2VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
                    Qwen2ForCausalLM)
         processor = qwen2_vl_processor(tok)
-        cfgs = (qwen2_vl_config(tok), qwen2_vl_config(tok, layers=1, width=64, heads=2),
+        cfgs = (qwen2_vl_config(tok, layers=target_layers), qwen2_vl_config(tok, layers=1, width=64, heads=2),
                 qwen2_config(tok, layers=1, width=64, heads=2))
     built = {}
     for i, (role, cls, cfg) in enumerate(zip(ROLES, classes, cfgs)):
@@ -242,13 +242,32 @@ def build_tiny_models(family: str, seed: int = 0,
 
 
 def build_tiny_suite(root: Path, family: str, seed: int = 0,
-                     tokenizer: PreTrainedTokenizerFast | None = None) -> dict[str, Path]:
+                     tokenizer: PreTrainedTokenizerFast | None = None,
+                     target_layers: int = 4) -> dict[str, Path]:
     """Build and save ``{target, draft_vlm, text_only}`` under ``root``; return their paths
     (``root / f"{family}_{role}"``). VLM directories hold the processor, the LM its tokenizer."""
-    built, processor, tok = build_tiny_models(family, seed, tokenizer)
+    built, processor, tok = build_tiny_models(family, seed, tokenizer, target_layers)
     paths = {}
     for role, model in built.items():
         paths[role] = Path(root) / f"{family}_{role}"
         model.save_pretrained(paths[role])
         (tok if role == "text_only" else processor).save_pretrained(paths[role])
     return paths
+
+
+def small_vocab_tokenizer(family: str, words: int = 8) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with ``family``'s special tokens, [UNK] and ``words`` plain words
+    ("w0", "w1", ...): a vocabulary of 12-16 ids, so that a random model's next-token
+    distribution is spread over a few tokens that target and draft share (for exact
+    statistical tests of sampling). Text outside the words maps to [UNK]."""
+    _check_family(family)
+    spec = SPECIAL_TOKENS[family]
+    specials = [t for t in (spec["pad"], spec["eos"], spec["bos"]) if t] + spec["extra"]
+    vocab = {t: i for i, t in enumerate(specials + ["[UNK]"] + [f"w{i}" for i in range(words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=spec["eos"],
+                                   pad_token=spec["pad"], bos_token=spec["bos"], unk_token="[UNK]",
+                                   additional_special_tokens=spec["extra"])
+    fast.chat_template = CHAT_TEMPLATES[family]
+    return fast
