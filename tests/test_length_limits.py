@@ -73,7 +73,7 @@ def prompt_lengths(model: Any, n: int) -> list[int]:
 def llava_sd(tiny_paths: dict) -> Any:
     paths = tiny_paths["llava"]
     return make_model("llava", pretrained=paths["target"], draft=paths["draft_vlm"],
-                      baseline=True, **{"tree.k": 4})
+                      baseline=True, tree="chain", **{"tree.k": 4})
 
 
 def test_lmms_eval_requests_stop_at_the_limit_with_one_warning(
@@ -87,6 +87,8 @@ def test_lmms_eval_requests_stop_at_the_limit_with_one_warning(
     monkeypatch.setattr(llava_sd, "_clipped_tasks", set())
     monkeypatch.setattr(llava_sd, "settings", dataclasses.replace(
         llava_sd.settings, stats_path=str(tmp_path / "s.jsonl")))
+    import lmms_eval.models  # noqa: F401  (importing it resets loguru's handlers: do it first)
+
     warnings: list[str] = []
     sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
     try:

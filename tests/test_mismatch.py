@@ -1,7 +1,6 @@
 """Greedy mismatch diagnosis (``baseline=true``): ties vs real mismatches, from top-2 logit gaps."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import torch
 
@@ -55,16 +54,15 @@ def test_tolerance_follows_the_dtype_and_the_logit_scale():
 def test_a_real_mismatch_is_an_error_in_the_log():
     from loguru import logger
 
-    from lmms_sd.lmms_eval.base import SpeculativeLMM
+    from lmms_sd.lmms_eval.base import log_mismatch
 
     logged: list[tuple[str, str]] = []
     sink = logger.add(lambda m: logged.append((m.record["level"].name, m.record["message"])))
     try:
-        model = SimpleNamespace(target=SimpleNamespace(dtype=torch.float32))
-        runs = SimpleNamespace(tokens=[1, 2]), SimpleNamespace(tokens=[1, 3])
-        found = SpeculativeLMM._diagnose(model, "t", 3, "a b", "a c", *runs,
-                                         (recorder([1.0]), recorder([2.0])))
+        found = classify([1, 2], [1, 3], recorder([1.0]), recorder([2.0]), torch.float32)
+        log_mismatch("t", 3, found, "a b", "a c")
     finally:
         logger.remove(sink)
+    found = found.to_dict()
     assert found["kind"] == "real" and found["position"] == 1
     assert logged[-1][0] == "ERROR" and "t doc 3" in logged[-1][1]

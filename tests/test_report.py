@@ -129,8 +129,8 @@ def test_ranks_and_runs_of_one_configuration_pool_raw_counts(tmp_path: Path):
 
 def test_mismatches_split_into_ties_and_real_and_mark_the_run(tmp_path: Path):
     recs = records("shapes_caption", range(4), 0, 5)
-    recs[1].update(text_match=False, mismatch="tie")
-    recs[2].update(text_match=False, mismatch="real")
+    recs[1].update(text_match=False, mismatch={"kind": "tie", "position": 3})
+    recs[2].update(text_match=False, mismatch={"kind": "real", "position": 5})
     write_run(tmp_path / "a", recs, {"shapes_caption": 0.5}, {"shapes_caption": 4},
               ARGS + ",tree=chain", "20261203_100000")
     rows = report([tmp_path / "a"], tmp_path / "out")

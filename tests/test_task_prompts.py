@@ -98,7 +98,7 @@ def models(tiny_paths: dict) -> dict[str, Any]:
     """Per family, the simple speculative class (chain of 2, baseline on); tests flip
     ``is_simple`` to make it the chat class, which differs in that flag alone."""
     return {f: make_model(f, pretrained=tiny_paths[f]["target"], draft=tiny_paths[f]["draft_vlm"],
-                          baseline=True, **{"tree.k": 2}) for f in tiny_paths}
+                          baseline=True, tree="chain", **{"tree.k": 2}) for f in tiny_paths}
 
 
 def expected_pixels(model: Any, images: list[Image.Image]) -> torch.Tensor:

@@ -43,6 +43,7 @@ from ..core.interfaces import PromptInputs
 from ..methods import method_class
 from .args import image_aspect_ratio, split_model_args
 from .autotree import StartUp
+from .mismatch import Mismatch
 from .speed import Record, gather, log_speed, results_dir_jsonl, sample_stats, write_jsonl
 
 
@@ -163,15 +164,8 @@ class SpeculativeLMM(lmms):
                           "baseline": None if out.baseline is None else sample_stats(out.baseline),
                           "baseline_first": ar_first,
                           "mismatch": None if out.mismatch is None else out.mismatch.to_dict()}
-        if out.greedy_match is False:  # a tie is a warning, a real mismatch an error
-            found = out.mismatch
-            log = eval_logger.error if found is None or found.kind == "real" else \
-                eval_logger.warning
-            where = "" if found is None else (
-                f" at token {found.position} ({found.kind}: top-2 logit gap sd {found.gap_sd}, "
-                f"ar {found.gap_ar}, tolerance {found.tolerance:.3g})")
-            log(f"{task} doc {doc_id}: greedy speculative output differs from autoregressive"
-                f"{where}\n  sd: {out.text!r}\n  ar: {out.baseline_text!r}")
+        if out.greedy_match is False:
+            log_mismatch(task, doc_id, out.mismatch, out.text, out.baseline_text)
         counts = TokenCounts(input_tokens=len(prompt.input_ids), output_tokens=len(out.tokens))
         self.cache_hook.add_partial("generate_until", (req.args[0], gen_kwargs), out.text)
         return out.text, record, counts                                             # 6.
@@ -229,6 +223,18 @@ def _both(first: StepObserver, second: StepObserver) -> StepObserver:
         second(tree, target_logits, verdict)
 
     return observe
+
+
+def log_mismatch(task: str, doc_id: int, found: Mismatch | None, text: str,
+                 base_text: str | None) -> None:
+    """A greedy mismatch in the log: a numerical tie is a warning, a real (or undiagnosed)
+    mismatch an error (``mismatch.py``)."""
+    log = eval_logger.warning if found is not None and found.kind == "tie" else eval_logger.error
+    where = "" if found is None else (
+        f" at token {found.position} ({found.kind}: top-2 logit gap sd {found.gap_sd}, ar "
+        f"{found.gap_ar}, tolerance {found.tolerance:.3g})")
+    log(f"{task} doc {doc_id}: greedy speculative output differs from autoregressive{where}"
+        f"\n  sd: {text!r}\n  ar: {base_text!r}")
 
 
 def _padding(req: Instance) -> bool:

@@ -29,11 +29,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..lmms_eval.args import parse_model_args, split_model_args
 from ..lmms_eval.speed import Record, summarize
+from ..methods import method_class
 
 ALL_TASKS = "all tasks"
 OUR_BACKEND = "lmms_sd.lmms_eval.models."
 # Issue 16 classifies each greedy mismatch of a record as a numerical tie or a real mismatch.
-MISMATCH_KIND_KEYS = ("mismatch", "mismatch_kind")
 
 
 class ReportError(ValueError):
@@ -161,8 +161,10 @@ def load_run(path: Path) -> Run:
                         _lenient_args(args_text).get("dtype", ""))
         return Run(path, results, config, None, str(cfg.get("device") or ""), date)
     cls = _our_class(backend)
+    method = method_class(cls.method)  # the class is a family + a method's settings
     try:
-        settings, groups = parse_model_args(cls.Args, split_model_args(args_text), cls.GROUPS)
+        settings, groups = parse_model_args(method.Args, split_model_args(args_text),
+                                            method.GROUPS)
     except ValueError as e:
         raise ReportError(f"{path}: its model_args do not fit this lmms_sd's {cls.__name__} "
                           f"({e}); report it with the lmms_sd version that ran it") from None
@@ -345,12 +347,12 @@ def _mean_aggregated(results: dict, task: str, metric: str) -> bool:
 
 def mismatch_counts(records: Iterable[Record]) -> Mismatches | None:
     """Greedy text mismatches against the baseline, split into ties and real ones when every
-    mismatching record says which (``MISMATCH_KIND_KEYS``). None when nothing was compared."""
+    mismatching record says which (its ``mismatch`` diagnosis, ``lmms_eval/mismatch.py``:
+    ``{"kind": "tie" | "real", ...}``). None when nothing was compared."""
     compared = [r for r in records if r.get("text_match") is not None]
     if not compared:
         return None
-    kinds = [next((r[k] for k in MISMATCH_KIND_KEYS if r.get(k) in ("tie", "real")), None)
-             for r in compared if not r["text_match"]]
+    kinds = [(r.get("mismatch") or {}).get("kind") for r in compared if not r["text_match"]]
     if None in kinds:
         return Mismatches(len(kinds))
     return Mismatches(len(kinds), kinds.count("tie"), kinds.count("real"))
