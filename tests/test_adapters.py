@@ -172,12 +172,12 @@ def test_crop_then_reforward(adapter: HFAdapter, prompts: list[PromptInputs]) ->
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_attentions_need_eager_and_are_head_averaged(tiny_paths: dict[str, dict[str, Path]],
-                                                     tiny_adapters: dict[str, dict[str, HFAdapter]],
-                                                     fam: str) -> None:
+def test_attentions_need_eager_and_are_head_averaged(
+        every_tiny_paths: dict[str, dict[str, Path]],
+        every_tiny_adapters: dict[str, dict[str, HFAdapter]], fam: str) -> None:
     # eager attention rows are distributions over the unmasked positions; logits agree with SDPA
-    sdpa = tiny_adapters[fam]["target"]
-    eager = load_adapter(tiny_paths[fam]["target"], attn_implementation="eager")
+    sdpa = every_tiny_adapters[fam]["target"]
+    eager = load_adapter(every_tiny_paths[fam]["target"], attn_implementation="eager")
     prompt = eager.prepare("What is in the image?", [tiny_image(4)])
     tree = random_tree(eager.vocab_size, seed=3)
     results = []
@@ -248,7 +248,7 @@ def test_load_adapter_errors(tmp_path: Path) -> None:
 
 def test_check_same_vocab(tiny_adapters: dict[str, dict[str, HFAdapter]]) -> None:
     # drafts of one family share the target's vocabulary; across families they do not
-    for fam in FAMILIES:
+    for fam in tiny_adapters:
         for role in ("draft_vlm", "text_only"):
             check_same_vocab(tiny_adapters[fam]["target"], tiny_adapters[fam][role])
     with pytest.raises(ValueError, match="tokenizers differ"):

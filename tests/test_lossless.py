@@ -1,5 +1,6 @@
-"""End-to-end greedy losslessness: for every (drafter, tree) row, on both target families and
-every prompt, speculative output is token-identical to the target's own ``generate``.
+"""End-to-end greedy losslessness: for every (drafter, tree) row, on every target family
+(``FAMILIES``: LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) and every prompt,
+speculative output is token-identical to the target's own ``generate``.
 
 The scripted drafter proposes the target's own continuation for ``good`` tokens and then a
 wrong one, so partial acceptance happens at every step; real drafts (a random small VLM, a
@@ -17,6 +18,7 @@ from lmms_sd.drafters.cascade import CascadeConfig, CascadeDrafter
 from lmms_sd.drafters.model import ModelDrafter
 from lmms_sd.drafters.ngram import MaGDrafter
 from lmms_sd.testing.scripted import ScriptedDrafter
+from lmms_sd.testing.tiny import FAMILIES
 from lmms_sd.trees import make_builder
 
 MAX_NEW = 24
@@ -56,11 +58,17 @@ ROWS = [
 ]
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    """Every family here (the suite's ``family`` covers the two original ones)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
+def references(every_tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
     from conftest import greedy_references
 
-    return greedy_references(tiny_adapters, MAX_NEW)
+    return greedy_references(every_tiny_adapters, MAX_NEW)
 
 
 def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]):
@@ -81,8 +89,8 @@ def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=str)
-def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_adapters, references):
-    adapters = tiny_adapters[family]
+def test_greedy_speculative_equals_target_generate(row: Row, family: str, every_tiny_adapters, references):
+    adapters = every_tiny_adapters[family]
     target = adapters["target"]
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
     builder = make_builder(row.tree, **dict(row.params))
@@ -97,8 +105,8 @@ def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_a
         assert stats.origin.count("draft") <= sum(s.accepted for s in stats.steps)
 
 
-def test_scripted_drafter_exercises_partial_acceptance(family: str, tiny_adapters, references):
-    adapters = tiny_adapters[family]
+def test_scripted_drafter_exercises_partial_acceptance(family: str, every_tiny_adapters, references):
+    adapters = every_tiny_adapters[family]
     target = adapters["target"]
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
     prompt, reference = references[family][0]
@@ -110,16 +118,18 @@ def test_scripted_drafter_exercises_partial_acceptance(family: str, tiny_adapter
     assert all(s.accepted == good for s in res.stats.steps[:-1])
 
 
-def test_stop_string_inside_an_accepted_block(family: str, tiny_adapters, references):
+def test_stop_string_inside_an_accepted_block(family: str, every_tiny_adapters, references):
     """A stop string that completes in the middle of an accepted block stops decoding exactly
     where plain decoding would: on the token that completes it."""
-    adapters = tiny_adapters[family]
+    adapters = every_tiny_adapters[family]
     target = adapters["target"]
     prompt, reference = references[family][0]
     # choose a stop string that completes at token 10 of the reference
     text_at = [target.decode(reference[: j + 1]) for j in range(len(reference))]
+    # (its text must not occur earlier, or decoding stops there, before any block)
     j = next((j for j in range(6, len(reference)) if text_at[j] != text_at[j - 1]
-              and text_at[j][len(text_at[j - 1]):].strip()), None)
+              and text_at[j][len(text_at[j - 1]):].strip()
+              and text_at[j][len(text_at[j - 1]):] not in text_at[j - 1]), None)
     if j is None:
         pytest.skip("reference has no printable token to stop on")
     stop = text_at[j][len(text_at[j - 1]):]
@@ -133,9 +143,9 @@ def test_stop_string_inside_an_accepted_block(family: str, tiny_adapters, refere
     assert sd.stats.decode_steps < ar.stats.decode_steps  # the stop fell inside one block
 
 
-def test_eos_inside_an_accepted_block(family: str, tiny_adapters, references):
+def test_eos_inside_an_accepted_block(family: str, every_tiny_adapters, references):
     """Declaring a token of the reference to be EOS stops both decoders on it."""
-    adapters = tiny_adapters[family]
+    adapters = every_tiny_adapters[family]
     target = adapters["target"]
     prompt, reference = references[family][1]
     eos = reference[5]
