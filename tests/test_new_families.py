@@ -142,3 +142,28 @@ def test_onevision_image_tokens_follow_the_image_size(every_tiny_adapters) -> No
             out = generate(target, prompt, cfg, drafter, make_builder("chain", k=4))
             assert out.tokens == reference, (width, height)
     assert len(counts) >= 4, counts
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_both_request_kinds_through_the_lmms_eval_classes(family: str, every_tiny_paths,
+                                                          tmp_path: Path) -> None:
+    # <family>_sd (draft VLM) on a simple and a chat request, <family>_msd (a fresh head) on a
+    # chat one: every record matches the autoregressive baseline; both kinds give one text
+    from test_lmms_eval_plugin import make_model, records_of
+
+    from lmms_sd.adapters import load_adapter
+
+    paths = every_tiny_paths[family]
+    head = save_msd_head(new_msd_head(load_adapter(paths["target"]).model), tmp_path / "head")
+    runs = [("SD", False, paths["draft_vlm"], {"tree": "chain", "tree.k": 3}),
+            ("SD", True, paths["draft_vlm"], {"tree": "chain", "tree.k": 3}),
+            ("MSD", True, head, {"tree": "dynamic", "tree.depth": 3, "tree.top_k": 2,
+                                 "tree.total_tokens": 6})]
+    texts = []
+    for method, chat, draft, tree in runs:
+        model = make_model(family, chat, method, pretrained=paths["target"], draft=draft,
+                           baseline=True, **tree)
+        out, records = records_of(model, chat, tmp_path / f"{method}{chat}.jsonl", n=1)
+        assert records and all(r["text_match"] for r in records), (method, chat)
+        texts.append([o.text for o in out])
+    assert texts[0] == texts[1] == texts[2]
