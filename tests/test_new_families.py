@@ -167,3 +167,23 @@ def test_both_request_kinds_through_the_lmms_eval_classes(family: str, every_tin
         assert records and all(r["text_match"] for r in records), (method, chat)
         texts.append([o.text for o in out])
     assert texts[0] == texts[1] == texts[2]
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_msd_training_loss_on_a_multimodal_batch(family: str, every_tiny_adapters) -> None:
+    # the trainer's target pass captures the merged image embeddings (any-res tiles included)
+    # and positions of each family, and MSD's loss reaches the head's weights
+    from lmms_sd.train.data import ShapesCollator
+    from lmms_sd.train.loop import train_items
+    from lmms_sd.train.msd import MSDTrainConfig, head_loss, target_pass
+
+    target = every_tiny_adapters[family]["target"]
+    head = new_msd_head(target.model).float()
+    batch = ShapesCollator(target.processor)(train_items(0, 2, 0))
+    tp = target_pass(target.model, batch)
+    image = batch.input_ids == target.image_token_id
+    assert image.any()
+    assert not torch.allclose(tp.embeds[image], target.embed_tokens(batch.input_ids[image]))
+    loss, _ = head_loss(head, batch, tp, MSDTrainConfig(), target.image_token_id)
+    loss.backward()
+    assert torch.isfinite(loss) and float(head.fc.weight.grad.abs().sum()) > 0

@@ -52,9 +52,8 @@ from transformers import PreTrainedModel
 
 from ..core.generate import GenerationConfig, generate
 from ..drafters.msd import POSITION_SCHEMES, MSDConfig, MSDDrafter, qwen2_vl_rope_index
-from ..drafters.msd_head import MROPE_KINDS
 from ..drafters.msd_format import load_msd_head, new_msd_head, save_msd_head
-from ..drafters.msd_head import MSDHead
+from ..drafters.msd_head import MROPE_KINDS, MSDHead
 from ..trees import make_builder
 from .conversations import ConversationCollator, ConversationStream, load_conversations
 from .data import Batch, ShapesCollator
