@@ -187,3 +187,26 @@ def test_msd_training_loss_on_a_multimodal_batch(family: str, every_tiny_adapter
     loss, _ = head_loss(head, batch, tp, MSDTrainConfig(), target.image_token_id)
     loss.backward()
     assert torch.isfinite(loss) and float(head.fc.weight.grad.abs().sum()) > 0
+
+
+def test_draft_vlm_with_more_padding_rows_is_lossless(every_tiny_paths, tmp_path: Path) -> None:
+    # Qwen2.5-VL-7B has 152064 embedding rows, 3B 151936 over one tokenizer: a draft whose
+    # vocabulary rows go past the target's passes the vocabulary rules, its padding rows are
+    # dropped, and the output still equals the target's generate
+    from lmms_sd.adapters import check_same_vocab, load_adapter
+    from lmms_sd.adapters.loading import load_processor
+
+    paths = every_tiny_paths["qwen2_5_vl"]
+    target = load_adapter(paths["target"])
+    draft_model = load_adapter(paths["draft_vlm"]).model
+    draft_model.resize_token_embeddings(target.vocab_size + 64)
+    draft_model.save_pretrained(tmp_path / "padded")
+    load_processor(paths["draft_vlm"]).save_pretrained(tmp_path / "padded")
+    draft = load_adapter(tmp_path / "padded", role="draft")
+    assert draft.vocab_size == target.vocab_size + 64
+    check_same_vocab(target, draft)
+    prompt = target.prepare("What is in the image?", [tiny_image(0)])
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
+    out = generate(target, prompt, cfg, ModelDrafter(draft, vocab_size=target.vocab_size),
+                   make_builder("chain", k=3))
+    assert out.tokens == target.hf_generate(prompt, MAX_NEW)
