@@ -210,3 +210,16 @@ def test_draft_vlm_with_more_padding_rows_is_lossless(every_tiny_paths, tmp_path
     out = generate(target, prompt, cfg, ModelDrafter(draft, vocab_size=target.vocab_size),
                    make_builder("chain", k=3))
     assert out.tokens == target.hf_generate(prompt, MAX_NEW)
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_image_aspect_ratio_pad_is_a_no_op_and_others_fail(family: str,
+                                                           every_tiny_adapters) -> None:
+    # the newer processors keep the aspect ratio themselves (patch grids, any-res tiles)
+    target = every_tiny_adapters[family]["target"]
+    image = tiny_image(21, 48, 24)
+    a, b = (target.prepare("x", [image], image_aspect_ratio=r) for r in ("original", "pad"))
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.model_kwargs["pixel_values"], b.model_kwargs["pixel_values"])
+    with pytest.raises(ValueError, match="image_aspect_ratio='anyres'"):
+        target.prepare("x", [image], image_aspect_ratio="anyres")

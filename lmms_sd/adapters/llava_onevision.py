@@ -10,8 +10,10 @@ after every row of features (``pack_image_features``), and may pool a grid large
 depends on the image's size; every one of them (newlines included) is an ``<image>`` token whose
 embedding the packed features replace. After prefill it is a plain Qwen2: 1-D positions.
 
-``image_aspect_ratio="pad"`` is refused: any-resolution tiling is OneVision's own answer to
-aspect ratios, and its processor already pads each tile.
+``image_aspect_ratio="pad"`` (asked for by a few lmms-eval tasks) changes nothing here:
+any-resolution tiling is OneVision's own answer to aspect ratios (its processor pads the tiles
+and the model unpads the grid), and lmms-eval's own llava_onevision class takes the model
+config's ``image_aspect_ratio`` instead of the task's.
 """
 from __future__ import annotations
 
@@ -53,9 +55,9 @@ class LlavaOnevisionAdapter(HFAdapter):
 
     def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
                 chat: bool = True, image_aspect_ratio: str = "original") -> PromptInputs:
-        if image_aspect_ratio != "original":
-            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: LLaVA-OneVision tiles "
-                             "images at any resolution and takes only 'original'")
+        if image_aspect_ratio not in ("original", "pad"):  # pad: see the module docstring
+            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: LLaVA-OneVision takes "
+                             "'pad' (a no-op) or 'original'")
         text = self._format(prompt, len(images), chat)
         enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
         ids = enc["input_ids"][0].to(self.device)  # [T]

@@ -51,8 +51,8 @@ class Qwen2VLAdapter(HFAdapter):
     def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
                 chat: bool = True, image_aspect_ratio: str = "original") -> PromptInputs:
         if image_aspect_ratio not in ("original", "pad"):  # pad: see the module docstring
-            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: Qwen2-VL takes 'pad' "
-                             "(a no-op) or 'original'")
+            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: {self.family} takes "
+                             "'pad' (a no-op) or 'original'")
         text = self._format(prompt, len(images), chat)
         enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
         ids = enc["input_ids"][0].to(self.device)  # [T]
