@@ -33,7 +33,7 @@ from .lmms_eval.args import (CascadeArgs, CommonArgs, MSDArgs, MSDCalibratedArgs
                              from_mapping, parse_model_args)
 from .trees import AutoConfig, TreeBuilder, auto_config, make_builder
 
-FAMILIES = tuple(VLM_FAMILIES)  # llava, qwen2_vl
+FAMILIES = tuple(VLM_FAMILIES)  # llava, qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision
 Loader = Callable[[str], HFAdapter]  # a checkpoint path -> an adapter on the target's device
 
 

@@ -1,7 +1,10 @@
-"""Shared fixtures: the tiny model suite of both families, built once per test session.
+"""Shared fixtures: the tiny model suites, built once per test session.
 
 ``tiny_paths[family][role]`` are saved model directories (roles: target, draft_vlm,
-text_only); ``tiny_adapters[family][role]`` are adapters loaded from them. Adapters are shared
+text_only) of the two original families (``BASE_FAMILIES``: most tests run on them);
+``tiny_adapters[family][role]`` are adapters loaded from them. ``every_tiny_paths`` and
+``every_tiny_adapters`` add the later families (all of ``FAMILIES``), for the tests that
+cover every family (the losslessness table, the new-family tests). Adapters are shared
 across tests: a test may prefill/forward/crop them (prefill resets the cache) but must not
 change their weights. ``family`` parametrises a test over both families; ``target``,
 ``draft_vlm``, ``text_only`` and ``prompts`` follow it.
@@ -29,19 +32,39 @@ torch.set_num_threads(1)
 PROMPT_SPECS = tiny_prompts()
 
 
+BASE_FAMILIES = ("llava", "qwen2_vl")
+
+
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("tiny_suite")
-    return {family: build_tiny_suite(root, family, seed=0) for family in FAMILIES}
+    return {family: build_tiny_suite(root, family, seed=0) for family in BASE_FAMILIES}
 
 
 @pytest.fixture(scope="session")
 def tiny_adapters(tiny_paths: dict[str, dict[str, Path]]) -> dict[str, dict[str, HFAdapter]]:
     return {family: {role: load_adapter(tiny_paths[family][role]) for role in ROLES}
+            for family in BASE_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def every_tiny_paths(tiny_paths: dict[str, dict[str, Path]],
+                     tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("tiny_suite_later")
+    return {family: tiny_paths.get(family) or build_tiny_suite(root, family, seed=0)
             for family in FAMILIES}
 
 
-@pytest.fixture(scope="session", params=FAMILIES)
+@pytest.fixture(scope="session")
+def every_tiny_adapters(tiny_adapters: dict[str, dict[str, HFAdapter]],
+                        every_tiny_paths: dict[str, dict[str, Path]]
+                        ) -> dict[str, dict[str, HFAdapter]]:
+    return {family: tiny_adapters.get(family)
+            or {role: load_adapter(every_tiny_paths[family][role]) for role in ROLES}
+            for family in FAMILIES}
+
+
+@pytest.fixture(scope="session", params=BASE_FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
 

@@ -1,4 +1,4 @@
-"""Adapters against plain Hugging Face forwards, table-driven over both families and all roles.
+"""Adapters against plain Hugging Face forwards, table-driven over every family and all roles.
 
 Each test states what it proves in one line. Tolerances: 1e-4 on logits (float32, different
 kernels / batching), exact equality on greedy token sequences.
@@ -43,10 +43,26 @@ def tree_forward(adapter: HFAdapter, root: int, tree: DraftTree) -> torch.Tensor
     return adapter.forward(slots, start + tree.slot_depths(), tree.attention_mask(start)).logits
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    """Every family here (the suite's ``family`` covers the two original ones)."""
+    return request.param
+
+
+@pytest.fixture()
+def target(every_tiny_adapters: dict[str, dict[str, HFAdapter]], family: str) -> HFAdapter:
+    return every_tiny_adapters[family]["target"]
+
+
+@pytest.fixture()
+def text_only(every_tiny_adapters: dict[str, dict[str, HFAdapter]], family: str) -> HFAdapter:
+    return every_tiny_adapters[family]["text_only"]
+
+
 @pytest.fixture(params=ROLES)
-def adapter(tiny_adapters: dict[str, dict[str, HFAdapter]], family: str,
+def adapter(every_tiny_adapters: dict[str, dict[str, HFAdapter]], family: str,
             request: pytest.FixtureRequest) -> HFAdapter:
-    return tiny_adapters[family][request.param]
+    return every_tiny_adapters[family][request.param]
 
 
 def test_adapters_satisfy_the_protocol(adapter: HFAdapter) -> None:
@@ -84,8 +100,8 @@ def test_prefill_embeds_merge_image_features(target: HFAdapter,
         torch.testing.assert_close(emb[text], target.embed_tokens(prompt.input_ids[text]))
         if prompt.image_mask.any():
             kw = prompt.model_kwargs
-            grid = (kw["image_grid_thw"],) if "image_grid_thw" in kw else ()
-            feats = target.model.get_image_features(kw["pixel_values"], *grid).pooler_output
+            extra = [kw[k] for k in ("image_grid_thw", "image_sizes") if k in kw]
+            feats = target.model.get_image_features(kw["pixel_values"], *extra).pooler_output
             torch.testing.assert_close(emb[prompt.image_mask], torch.cat(list(feats)))
 
 
@@ -172,12 +188,12 @@ def test_crop_then_reforward(adapter: HFAdapter, prompts: list[PromptInputs]) ->
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_attentions_need_eager_and_are_head_averaged(tiny_paths: dict[str, dict[str, Path]],
-                                                     tiny_adapters: dict[str, dict[str, HFAdapter]],
-                                                     fam: str) -> None:
+def test_attentions_need_eager_and_are_head_averaged(
+        every_tiny_paths: dict[str, dict[str, Path]],
+        every_tiny_adapters: dict[str, dict[str, HFAdapter]], fam: str) -> None:
     # eager attention rows are distributions over the unmasked positions; logits agree with SDPA
-    sdpa = tiny_adapters[fam]["target"]
-    eager = load_adapter(tiny_paths[fam]["target"], attn_implementation="eager")
+    sdpa = every_tiny_adapters[fam]["target"]
+    eager = load_adapter(every_tiny_paths[fam]["target"], attn_implementation="eager")
     prompt = eager.prepare("What is in the image?", [tiny_image(4)])
     tree = random_tree(eager.vocab_size, seed=3)
     results = []
@@ -248,7 +264,7 @@ def test_load_adapter_errors(tmp_path: Path) -> None:
 
 def test_check_same_vocab(tiny_adapters: dict[str, dict[str, HFAdapter]]) -> None:
     # drafts of one family share the target's vocabulary; across families they do not
-    for fam in FAMILIES:
+    for fam in tiny_adapters:
         for role in ("draft_vlm", "text_only"):
             check_same_vocab(tiny_adapters[fam]["target"], tiny_adapters[fam][role])
     with pytest.raises(ValueError, match="tokenizers differ"):

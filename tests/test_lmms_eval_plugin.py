@@ -92,7 +92,10 @@ def test_entry_point_lists_our_manifests():
     values = [ep.value for ep in entry_points(group="lmms_eval.models")]
     assert "lmms_sd.lmms_eval.registry:MANIFESTS" in values, \
         "entry point missing: install the package (pip install --no-deps -e .)"
-    assert len({m.model_id for m in MANIFESTS}) == 8
+    from lmms_sd.adapters.loading import VLM_FAMILIES
+    from lmms_sd.methods import METHODS
+
+    assert len({m.model_id for m in MANIFESTS}) == len(METHODS) * len(VLM_FAMILIES)
 
 
 @pytest.mark.parametrize("force_simple", [False, True])
@@ -136,8 +139,9 @@ def noisy_drafts(tiny_paths: dict, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def model_class(family: str, chat: bool = False, method: str = "SD") -> type:
     from lmms_sd.lmms_eval import models
+    from lmms_sd.lmms_eval.names import FAMILY_PREFIX
 
-    name = {"llava": "Llava", "qwen2_vl": "Qwen2VL"}[family] + method + ("Chat" if chat else "")
+    name = FAMILY_PREFIX[family] + method + ("Chat" if chat else "")
     return getattr(models, name)
 
 

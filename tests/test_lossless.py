@@ -1,5 +1,6 @@
-"""End-to-end greedy losslessness: for every (drafter, tree) row, on both target families and
-every prompt, speculative output is token-identical to the target's own ``generate``.
+"""End-to-end greedy losslessness: for every (drafter, tree) row, on every target family
+(``FAMILIES``: LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) and every prompt,
+speculative output is token-identical to the target's own ``generate``.
 
 The scripted drafter proposes the target's own continuation for ``good`` tokens and then a
 wrong one, so partial acceptance happens at every step; real drafts (a random small VLM, a
@@ -17,6 +18,7 @@ from lmms_sd.drafters.cascade import CascadeConfig, CascadeDrafter
 from lmms_sd.drafters.model import ModelDrafter
 from lmms_sd.drafters.ngram import MaGDrafter
 from lmms_sd.testing.scripted import ScriptedDrafter, ScriptedTreeDrafter
+from lmms_sd.testing.tiny import FAMILIES
 from lmms_sd.trees import make_builder
 
 MAX_NEW = 24
@@ -56,11 +58,17 @@ ROWS = [
 ]
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    """Every family here (the suite's ``family`` covers the two original ones)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
+def references(every_tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]:
     from conftest import greedy_references
 
-    return greedy_references(tiny_adapters, MAX_NEW)
+    return greedy_references(every_tiny_adapters, MAX_NEW)
 
 
 def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]):
@@ -81,8 +89,8 @@ def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=str)
-def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_adapters, references):
-    adapters = tiny_adapters[family]
+def test_greedy_speculative_equals_target_generate(row: Row, family: str, every_tiny_adapters, references):
+    adapters = every_tiny_adapters[family]
     target = adapters["target"]
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
     builder = make_builder(row.tree, **dict(row.params))
@@ -109,8 +117,8 @@ def assert_stats_describe_emitted(stats: GenerationStats) -> None:
     assert stats.to_dict()["accepted_per_step"] == accepted
 
 
-def test_scripted_drafter_exercises_partial_acceptance(family: str, tiny_adapters, references):
-    adapters = tiny_adapters[family]
+def test_scripted_drafter_exercises_partial_acceptance(family: str, every_tiny_adapters, references):
+    adapters = every_tiny_adapters[family]
     target = adapters["target"]
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
     prompt, reference = references[family][0]
@@ -122,16 +130,18 @@ def test_scripted_drafter_exercises_partial_acceptance(family: str, tiny_adapter
     assert all(s.accepted == good for s in res.stats.steps[:-1])
 
 
-def test_stop_string_inside_an_accepted_block(family: str, tiny_adapters, references):
+def test_stop_string_inside_an_accepted_block(family: str, every_tiny_adapters, references):
     """A stop string that completes in the middle of an accepted block stops decoding exactly
     where plain decoding would: on the token that completes it."""
-    adapters = tiny_adapters[family]
+    adapters = every_tiny_adapters[family]
     target = adapters["target"]
     prompt, reference = references[family][0]
     # choose a stop string that completes at token 10 of the reference
     text_at = [target.decode(reference[: j + 1]) for j in range(len(reference))]
+    # (its text must not occur earlier, or decoding stops there, before any block)
     j = next((j for j in range(6, len(reference)) if text_at[j] != text_at[j - 1]
-              and text_at[j][len(text_at[j - 1]):].strip()), None)
+              and text_at[j][len(text_at[j - 1]):].strip()
+              and text_at[j][len(text_at[j - 1]):] not in text_at[j - 1]), None)
     if j is None:
         pytest.skip("reference has no printable token to stop on")
     stop = text_at[j][len(text_at[j - 1]):]
@@ -146,9 +156,9 @@ def test_stop_string_inside_an_accepted_block(family: str, tiny_adapters, refere
     assert_stats_describe_emitted(sd.stats)
 
 
-def test_eos_inside_an_accepted_block(family: str, tiny_adapters, references):
+def test_eos_inside_an_accepted_block(family: str, every_tiny_adapters, references):
     """Declaring a token of the reference to be EOS stops both decoders on it."""
-    adapters = tiny_adapters[family]
+    adapters = every_tiny_adapters[family]
     target = adapters["target"]
     prompt, reference = references[family][1]
     eos = reference[5]
@@ -162,17 +172,17 @@ def test_eos_inside_an_accepted_block(family: str, tiny_adapters, references):
     assert sd.stats.steps[-1].accepted == first - 1  # cut inside its block of 9: counted to EOS
 
 
-def test_stop_string_spanning_two_accepted_blocks(family: str, tiny_adapters, references):
+def test_stop_string_spanning_two_accepted_blocks(family: str, every_tiny_adapters, references):
     """A stop string that begins in the last token of one step's block and completes in the
     first token of the next stops both decoders on the completing token."""
-    target = tiny_adapters[family]["target"]
+    target = every_tiny_adapters[family]["target"]
     prompt, reference = references[family][0]
     good = 2  # steps emit good + 1 tokens: blocks [0], [1..3], [4..6], ...
     text_at = [target.decode(reference[: j + 1]) for j in range(len(reference))]
     for b in range(good + 2, len(reference), good + 1):  # b: the first token of a block
         stop = text_at[b][len(text_at[b - 2]):]
         if (text_at[b - 1] != text_at[b - 2] and text_at[b] != text_at[b - 1]
-                and stop.strip() and stop not in text_at[b - 1]):
+                and stop.strip() and not any(stop in t for t in text_at[:b])):
             break
     else:
         pytest.skip("no two-token stop string across a block boundary in the reference")
@@ -209,10 +219,10 @@ TREE_ROWS = [
 
 @pytest.mark.parametrize("name,params", TREE_ROWS, ids=[r[0] for r in TREE_ROWS])
 def test_scripted_trees_accept_later_siblings(name: str, params: dict, family: str,
-                                              tiny_adapters, references):
+                                              every_tiny_adapters, references):
     """Real branching trees whose right token sits at sibling 2, 3, ... at mixed depths: the
     output equals the target's, and the test counts what it exercised."""
-    target = tiny_adapters[family]["target"]
+    target = every_tiny_adapters[family]["target"]
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
     builder = make_builder(name, **params)
     steps = branching = later_sibling = deep = 0

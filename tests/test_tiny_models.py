@@ -81,31 +81,34 @@ def test_qwen2_vl_mrope_section_covers_half_the_head() -> None:
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_suite_shares_vocabulary_and_vision(fam: str,
-                                            tiny_adapters: dict[str, dict[str, HFAdapter]]) -> None:
+def test_suite_shares_vocabulary_and_vision(fam: str, every_tiny_adapters: dict[
+                                            str, dict[str, HFAdapter]]) -> None:
     # every role has the tokenizer's vocabulary; the draft VLM has the target's vision tower
-    # (Qwen2-VL's vision hidden_size is its merger's output width, i.e. the text width)
-    suite = tiny_adapters[fam]
+    # (Qwen2-VL's vision hidden_size, Qwen2.5-VL's and Qwen3-VL's out_hidden_size are the
+    # merger's output width, i.e. the text width)
+    suite = every_tiny_adapters[fam]
     sizes = {role: suite[role].vocab_size for role in ROLES}
     assert set(sizes.values()) == {len(suite["target"].tokenizer)}, sizes
     t_vision = suite["target"].model.config.vision_config.to_dict()
     d_vision = suite["draft_vlm"].model.config.vision_config.to_dict()
-    if fam == "qwen2_vl":
+    merger = {"qwen2_vl": "hidden_size", "qwen2_5_vl": "out_hidden_size",
+              "qwen3_vl": "out_hidden_size"}.get(fam)
+    if merger is not None:
         draft_width = suite["draft_vlm"].model.config.text_config.hidden_size
-        assert d_vision.pop("hidden_size") == draft_width
-        t_vision.pop("hidden_size")
+        assert d_vision.pop(merger) == draft_width
+        t_vision.pop(merger)
     assert t_vision == d_vision
     d_layers = suite["draft_vlm"].model.config.text_config.num_hidden_layers
     assert d_layers < suite["target"].model.config.text_config.num_hidden_layers
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_save_reload_round_trip(fam: str, tiny_paths: dict[str, dict[str, Path]]) -> None:
+def test_save_reload_round_trip(fam: str, every_tiny_paths: dict[str, dict[str, Path]]) -> None:
     # the saved suite reloads to the same weights and logits as a fresh in-memory build
     built, _, _ = build_tiny_models(fam, seed=0)
     ids = torch.arange(3, 40)[None]
     for role in ROLES:
-        reloaded = load_adapter(tiny_paths[fam][role]).model
+        reloaded = load_adapter(every_tiny_paths[fam][role]).model
         fresh, saved = built[role].state_dict(), reloaded.state_dict()
         assert fresh.keys() == saved.keys()
         for name, tensor in fresh.items():

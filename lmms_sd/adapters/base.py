@@ -4,6 +4,8 @@ A family adapter supplies three things:
   ``prepare``               text / chat messages + images -> ``PromptInputs``
   ``_prefill_embeds``       the decoder's input embeddings of a prompt (images merged in)
   ``_position_ids``         1-D text positions -> the decoder's position ids
+and may supply ``_prefill_decoder_kwargs`` (extra decoder arguments of the prefill only, e.g.
+Qwen3-VL's DeepStack features, which ``_prefill_embeds`` computed with the image features).
 
 Every forward goes straight to the *decoder* (the language model inside a VLM) with
 ``inputs_embeds``; the lm_head is applied here. ``hidden`` is the decoder's last hidden state
@@ -108,6 +110,10 @@ class HFAdapter:
     def _prefill_position_ids(self, prompt: PromptInputs) -> Tensor:
         return self._position_ids(torch.arange(len(prompt.input_ids), device=self.device))
 
+    def _prefill_decoder_kwargs(self) -> dict[str, Any]:
+        """Extra decoder arguments of the prefill that ``_prefill_embeds`` just prepared."""
+        return {}
+
     def _position_ids(self, positions: Tensor) -> Tensor:  # [Q] -> [1, Q]
         return positions[None]
 
@@ -117,7 +123,8 @@ class HFAdapter:
                 embeds: bool = False) -> StepOutput:
         self.cache = DynamicCache(config=self.model.config)
         inputs_embeds = self._prefill_embeds(prompt)  # [T, H]
-        out = self._run(inputs_embeds, self._prefill_position_ids(prompt), None, hidden, False)
+        out = self._run(inputs_embeds, self._prefill_position_ids(prompt), None, hidden, False,
+                        self._prefill_decoder_kwargs())
         if embeds:
             out.inputs_embeds = inputs_embeds
         return out
@@ -178,15 +185,16 @@ class HFAdapter:
         return torch.where(mask.to(self.device), zero, neg)[None, None]
 
     def _run(self, inputs_embeds: Tensor, position_ids: Tensor, mask: Tensor | None,
-             hidden: bool, attentions: bool) -> StepOutput:
-        """inputs_embeds: # [Q, H]; mask: # [1, 1, Q, S] additive float or None (causal)."""
+             hidden: bool, attentions: bool, extra: dict[str, Any] | None = None) -> StepOutput:
+        """inputs_embeds: # [Q, H]; mask: # [1, 1, Q, S] additive float or None (causal);
+        extra: further decoder arguments (prefill only)."""
         if attentions and self.decoder.config._attn_implementation != "eager":
             raise ValueError("attentions=True needs attn_implementation='eager', this model uses "
                              f"{self.decoder.config._attn_implementation!r}")
         with _tree_attention(self.decoder, mask is not None):
             out = self.decoder(inputs_embeds=inputs_embeds[None], position_ids=position_ids,
                                attention_mask=mask, past_key_values=self.cache, use_cache=True,
-                               output_attentions=attentions)
+                               output_attentions=attentions, **(extra or {}))
         last = out.last_hidden_state[0]  # [Q, H]
         logits = self.lm_head(last).float().to(self.device)
         last = last.to(self.device)

@@ -25,8 +25,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlavaForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -34,11 +37,19 @@ from .base import HFAdapter
 from .causal_lm import CausalLMAdapter
 from .hub import resolve_folder
 from .llava import LlavaAdapter
-from .qwen2_vl import Qwen2VLAdapter, Qwen2VLImageOnlyProcessor
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
+# config ``model_type`` -> (the transformers model class, our adapter). A family is one adapter
+# file and one entry here (plus its class-name prefix in ``lmms_eval/names.py``).
 VLM_FAMILIES = {
     "llava": (LlavaForConditionalGeneration, LlavaAdapter),
     "qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLAdapter),
+    "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLAdapter),
+    "qwen3_vl": (Qwen3VLForConditionalGeneration, Qwen3VLAdapter),
+    "llava_onevision": (LlavaOnevisionForConditionalGeneration, LlavaOnevisionAdapter),
 }
 ROLES = ("target", "draft")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -158,14 +169,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: dict[str, Any],
 # ---------------------------------------------------------------------------- loading
 
 def load_processor(path: str | Path, revision: str | None = None) -> Any:
-    """The processor saved beside a model (LLaVA, or Qwen2-VL without its video processor);
-    the tokenizer for any other model type."""
+    """The processor saved beside a model (a VLM family's ``processor_class``: the Qwen-VL
+    and OneVision ones without their video processors); the tokenizer for any other model
+    type."""
     folder = resolve_folder(path, revision)
     kind = _config(folder, str(path)).get("model_type")
     if kind == "llava":
         return LlavaProcessor.from_pretrained(folder, **_llava_processor_fixes(folder))
-    if kind == "qwen2_vl":
-        return Qwen2VLImageOnlyProcessor.from_pretrained(folder)
+    if kind in VLM_FAMILIES:
+        return VLM_FAMILIES[kind][1].processor_class.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 

@@ -37,7 +37,11 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
 
 
 class Qwen2VLAdapter(HFAdapter):
+    """Also the base of the later Qwen-VL families (``qwen2_5_vl``, ``qwen3_vl``): their
+    processors, ``get_image_features`` and ``get_rope_index`` take the same arguments."""
+
     family = "qwen2_vl"
+    processor_class: type = Qwen2VLImageOnlyProcessor  # what ``loading.load_processor`` builds
 
     def __init__(self, model: Qwen2VLForConditionalGeneration, processor: Any):
         super().__init__(model, processor, model.model.language_model)
@@ -47,8 +51,8 @@ class Qwen2VLAdapter(HFAdapter):
     def prepare(self, prompt: str | Messages, images: Sequence[Any] = (), *,
                 chat: bool = True, image_aspect_ratio: str = "original") -> PromptInputs:
         if image_aspect_ratio not in ("original", "pad"):  # pad: see the module docstring
-            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: Qwen2-VL takes 'pad' "
-                             "(a no-op) or 'original'")
+            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: {self.family} takes "
+                             "'pad' (a no-op) or 'original'")
         text = self._format(prompt, len(images), chat)
         enc = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
         ids = enc["input_ids"][0].to(self.device)  # [T]
@@ -62,9 +66,14 @@ class Qwen2VLAdapter(HFAdapter):
         kw = prompt.model_kwargs
         if kw.get("pixel_values") is None:
             return embeds
-        feats = self.model.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"],
-                                                    return_dict=True)
+        feats = self._image_features(kw)
         return self._merge_image_features(prompt, embeds, torch.cat(list(feats.pooler_output)))
+
+    def _image_features(self, kw: dict[str, Any]) -> Any:
+        """The vision tower's output for the prompt's images (``pooler_output``: one tensor of
+        merged features per image)."""
+        return self.model.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"],
+                                                   return_dict=True)
 
     def _prefill_position_ids(self, prompt: PromptInputs) -> Tensor:  # -> [3, 1, T]
         kw = prompt.model_kwargs

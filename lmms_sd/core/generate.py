@@ -134,14 +134,14 @@ class StopChecker:
     def cut(self, out: list[int], n_new: int) -> int | None:
         """Given ``out`` whose last ``n_new`` tokens are new, return the length to cut ``out``
         to if decoding stops inside the block, else None."""
-        start = len(out) - n_new
-        for j in range(start, len(out)):
+        # Token by token, as plain decoding checks: a prefix's text is not always a prefix of
+        # the longer text (a byte-level token completing a character), so a stop string seen
+        # after token j may be gone after token j + 1; and EOS after a stop string is not reached.
+        for j in range(len(out) - n_new, len(out)):
             if out[j] in self.eos or j + 1 >= self.cfg.max_new_tokens:
                 return j + 1
-        if self.cfg.stop_strings and self._has_stop(out):
-            for j in range(start, len(out)):
-                if self._has_stop(out[: j + 1]):
-                    return j + 1
+            if self.cfg.stop_strings and self._has_stop(out[: j + 1]):
+                return j + 1
         return None
 
     def _has_stop(self, ids: Sequence[int]) -> bool:

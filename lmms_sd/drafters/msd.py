@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 
 from ..core.interfaces import PromptInputs, StepOutput
 from ..core.working_tree import WorkingTree
-from .msd_head import POSITION_SCHEMES, MSDHead
+from .msd_head import MROPE_KINDS, POSITION_SCHEMES, MSDHead
 
 # prompt -> (# [3, T] the target's M-RoPE prompt positions, rope delta for later text positions)
 RopeIndex = Callable[[PromptInputs], tuple[Tensor, int]]
@@ -55,7 +55,8 @@ class MSDConfig:
 
 
 def qwen2_vl_rope_index(model: PreTrainedModel) -> RopeIndex:
-    """The target's own M-RoPE prompt positions, from ``model.model.get_rope_index``."""
+    """The target's own M-RoPE prompt positions, from ``model.model.get_rope_index`` (Qwen2-VL,
+    Qwen2.5-VL and Qwen3-VL take the same arguments)."""
 
     def index(prompt: PromptInputs) -> tuple[Tensor, int]:
         ids = prompt.input_ids.reshape(1, -1)
@@ -78,10 +79,10 @@ class MSDDrafter:
     def __init__(self, head: MSDHead, cfg: MSDConfig = MSDConfig(),
                  rope_index: RopeIndex | None = None):
         self.positions = cfg.positions or head.positions
-        self.mrope = head.kind == "qwen2_vl" and self.positions == "target"
+        self.mrope = head.kind in MROPE_KINDS and self.positions == "target"
         if self.mrope and rope_index is None:
-            raise ValueError("a Qwen2-VL head with positions='target' needs the target's rope "
-                             "index (e.g. qwen2_vl_rope_index(target_model))")
+            raise ValueError(f"a {head.kind} head with positions='target' needs the target's "
+                             "rope index (e.g. qwen2_vl_rope_index(target_model))")
         self.head, self.cfg, self.rope_index = head, cfg, rope_index
         self.name = cfg.name
         self.forwards = 0
@@ -196,9 +197,9 @@ def load_msd_drafter(source: str, target: PreTrainedModel, *, cfg: MSDConfig = M
                      check_embeddings: bool = True, dtype: torch.dtype | None = None
                      ) -> MSDDrafter:
     """The head at ``source`` (folder or hub id, published layout) bound to the ``target`` HF
-    model, with the target's M-RoPE index when the target is a Qwen2-VL model."""
+    model, with the target's M-RoPE index when the target uses M-RoPE (the Qwen-VL families)."""
     from .msd_format import load_msd_head  # deferred: the format module builds on this one
 
     head = load_msd_head(source, target, check_embeddings=check_embeddings, dtype=dtype)
-    is_qwen = getattr(target.config, "model_type", "") == "qwen2_vl"
-    return MSDDrafter(head, cfg, qwen2_vl_rope_index(target) if is_qwen else None)
+    return MSDDrafter(head, cfg, qwen2_vl_rope_index(target) if head.kind in MROPE_KINDS
+                      else None)

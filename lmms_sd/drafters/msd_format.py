@@ -85,18 +85,27 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .msd_head import POSITION_SCHEMES, MSDHead, layer_kind
+from .msd_head import MROPE_KINDS, POSITION_SCHEMES, MSDHead, layer_kind
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")  # the order EAGLE's loader tries
-# checkpoint ``model_type`` -> layer kind ("llava" and "qwen2_vl" are MSD's; "llama" is EAGLE's)
-CHECKPOINT_KINDS = {"llava": "llama", "llama": "llama", "qwen2_vl": "qwen2_vl"}
-WRITTEN_MODEL_TYPE = {"llama": "llava", "qwen2_vl": "qwen2_vl"}
+# checkpoint ``model_type`` -> layer kind ("llava" and "qwen2_vl" are MSD's; "llama" is EAGLE's;
+# the later families' heads are written by lmms_sd in the same layout under the target's type)
+CHECKPOINT_KINDS = {"llava": "llama", "llama": "llama", "qwen2_vl": "qwen2_vl",
+                    "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl",
+                    "llava_onevision": "qwen2", "qwen2": "qwen2"}
+WRITTEN_MODEL_TYPE = {"llama": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl",
+                      "qwen3_vl": "qwen3_vl", "qwen2": "llava_onevision"}
 WRITTEN_ARCHITECTURE = {"llama": "LlavaLlamaForCausalLM",
-                        "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+                        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                        "qwen2": "LlavaOnevisionForConditionalGeneration"}
 EMBED_KEY = "embed_tokens.weight"
 POSITIONS_KEY = "lmms_sd_positions"
-PUBLISHED_POSITIONS = {"llama": "target", "qwen2_vl": "sequential"}  # MSD's cnets.py: 1-D arange
+# MSD's cnets.py: 1-D arange for Qwen2-VL; no published heads of the later kinds: their own
+PUBLISHED_POSITIONS = {"llama": "target", "qwen2_vl": "sequential", "qwen2_5_vl": "target",
+                       "qwen3_vl": "target", "qwen2": "target"}
 EMBED_TOLERANCE = 1e-2  # relative to the largest |weight|: survives bf16/fp16 storage only
 
 
@@ -178,7 +187,7 @@ def check_against_target(ckpt: MSDCheckpoint, target_config: PretrainedConfig) -
     if theta is not None and float(theta) != float(rope.get("rope_theta", theta)):
         raise ValueError(f"{src} has rope_theta {theta}, the target {rope.get('rope_theta')}")
     section = (cfg.get("rope_scaling") or {}).get("mrope_section")
-    if kind == "qwen2_vl" and section is not None and list(section) != list(rope["mrope_section"]):
+    if kind in MROPE_KINDS and section is not None and list(section) != list(rope["mrope_section"]):
         raise ValueError(f"{src} has mrope_section {section}, the target {rope['mrope_section']}")
 
 
@@ -282,7 +291,7 @@ def new_msd_head(target: PreTrainedModel, *, num_layers: int = 1, fc_bias: bool 
     ``target``'s language model and bound to its embed_tokens and lm_head: the start of training
     under the ``positions`` scheme."""
     text_config = target.config.get_text_config()
-    kind = "llava" if layer_kind(text_config) == "llama" else "qwen2_vl"
+    kind = WRITTEN_MODEL_TYPE[layer_kind(text_config)]
     shape = {k: getattr(text_config, k) for k in ("hidden_size", "intermediate_size",
              "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "hidden_act")}
     ckpt = MSDCheckpoint({"model_type": kind, "num_hidden_layers": num_layers, **shape}, {},
@@ -311,8 +320,10 @@ def eagle_config(head: MSDHead) -> dict[str, Any]:
         "torch_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
         POSITIONS_KEY: head.positions,
     }
-    if head.kind == "qwen2_vl":
+    if head.kind in MROPE_KINDS:
         out["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
+        if rope.get("mrope_interleaved"):
+            out["rope_scaling"]["mrope_interleaved"] = True
     else:
         out["rope_scaling"] = None
     return out

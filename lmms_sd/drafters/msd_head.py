@@ -17,7 +17,11 @@ g_p      the head's output at slot p: its estimate of f_p; ``lm_head(g_p)`` draf
 The head owns ``fc`` and ``layers``; ``embed_tokens`` and ``lm_head`` are the target's frozen
 modules, held by reference outside the module tree (not in ``state_dict``, not moved by ``.to``).
 For Llama (LLaVA-1.5) the first layer has no ``input_layernorm`` (EAGLE's layout: the fused input
-goes straight into attention); Qwen2-VL layers keep theirs, as in MSD's released code.
+goes straight into attention); Qwen layers keep theirs, as in MSD's released Qwen2-VL code.
+
+Layer kinds (``LAYER_KINDS``, from the target's language model): ``llama`` (LLaVA-1.5),
+``qwen2_vl``, ``qwen2_5_vl`` and ``qwen3_vl`` (M-RoPE; Qwen3-VL's QK-norm layer and interleaved
+rotary), ``qwen2`` (LLaVA-OneVision's Qwen2, 1-D RoPE).
 """
 from __future__ import annotations
 
@@ -32,9 +36,21 @@ from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaRotaryEmbedding,
 )
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2RotaryEmbedding,
+)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLDecoderLayer,
+    Qwen2_5_VLRotaryEmbedding,
+)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLDecoderLayer,
     Qwen2VLRotaryEmbedding,
+)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLTextDecoderLayer,
+    Qwen3VLTextRotaryEmbedding,
 )
 
 # how the head's rotary positions are counted (``msd.py``): the target's own (M-RoPE for
@@ -42,11 +58,19 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 POSITION_SCHEMES = ("target", "sequential")
 
 # language-model ``model_type`` -> the head's layer kind
-LAYER_KINDS = {"llama": "llama", "qwen2_vl": "qwen2_vl", "qwen2_vl_text": "qwen2_vl"}
+LAYER_KINDS = {"llama": "llama", "qwen2_vl": "qwen2_vl", "qwen2_vl_text": "qwen2_vl",
+               "qwen2_5_vl_text": "qwen2_5_vl", "qwen3_vl_text": "qwen3_vl", "qwen2": "qwen2"}
+# layer kind -> (decoder layer, rotary embedding) of that architecture
+LAYERS = {"llama": (LlamaDecoderLayer, LlamaRotaryEmbedding),
+          "qwen2_vl": (Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding),
+          "qwen2_5_vl": (Qwen2_5_VLDecoderLayer, Qwen2_5_VLRotaryEmbedding),
+          "qwen3_vl": (Qwen3VLTextDecoderLayer, Qwen3VLTextRotaryEmbedding),
+          "qwen2": (Qwen2DecoderLayer, Qwen2RotaryEmbedding)}
+MROPE_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # three position ids per token
 
 
 def layer_kind(config: PretrainedConfig) -> str:
-    """'llama' or 'qwen2_vl' for a language-model config; an error for anything else."""
+    """The head's layer kind for a language-model config; an error for anything else."""
     kind = LAYER_KINDS.get(config.model_type)
     if kind is None:
         raise ValueError(f"no MSD head layer for a language model of type {config.model_type!r}; "
@@ -55,10 +79,9 @@ def layer_kind(config: PretrainedConfig) -> str:
 
 
 def _make_layer(config: PretrainedConfig, index: int) -> nn.Module:
-    if layer_kind(config) == "qwen2_vl":
-        return Qwen2VLDecoderLayer(config, index)
-    layer = LlamaDecoderLayer(config, index)
-    if index == 0:  # EAGLE's Llama head: no norm between the fused input and attention
+    kind = layer_kind(config)
+    layer = LAYERS[kind][0](config, index)
+    if kind == "llama" and index == 0:  # EAGLE's Llama head: no norm between the fused input and attention
         layer.input_layernorm = nn.Identity()
     return layer
 
@@ -105,8 +128,7 @@ class MSDHead(nn.Module):
         self.kind = layer_kind(config)
         self.fc = nn.Linear(2 * hidden, hidden, bias=fc_bias)
         self.layers = nn.ModuleList(_make_layer(config, i) for i in range(config.num_hidden_layers))
-        rotary = Qwen2VLRotaryEmbedding if self.kind == "qwen2_vl" else LlamaRotaryEmbedding
-        self.rotary = rotary(config)  # non-persistent buffers only: nothing in the state dict
+        self.rotary = LAYERS[self.kind][1](config)  # non-persistent buffers only: nothing in the state dict
         self.target = SharedTargetParts(embed_tokens, lm_head)
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < vocab else None
 

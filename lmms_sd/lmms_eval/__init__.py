@@ -1,9 +1,9 @@
 """lmms-eval integration: speculative model classes that measure accuracy and speed in one run.
 
 Install lmms_sd (``pip install -e .``) and lmms-eval finds the models through the entry point
-group ``lmms_eval.models`` (``registry.MANIFESTS``): ``llava_sd``, ``qwen2_vl_sd``, ``llava_msd``,
-``qwen2_vl_msd``, ``llava_msd_calibrated``, ``qwen2_vl_msd_calibrated``, ``llava_cascade``,
-``qwen2_vl_cascade``.
+group ``lmms_eval.models`` (``registry.MANIFESTS``): ``<family>_<method>`` for the families
+``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``llava_onevision`` and the methods
+``sd``, ``msd``, ``msd_calibrated``, ``cascade`` (``llava_sd``, ``qwen3_vl_msd``, ...).
 
 Tasks shipped in ``lmms_sd/tasks`` need ``--include_path``: lmms-eval 0.7.3 has no task entry
 point, its ``TaskManager`` indexes only its own tasks plus ``include_path``, and the

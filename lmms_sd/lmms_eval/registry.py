@@ -2,11 +2,14 @@
 
 lmms-eval 0.7.3 loads ``MANIFESTS`` when ``lmms_eval.models`` is imported (a failure there is
 only logged as a warning, so this module must stay free of heavy imports). It picks the chat
-class unless ``--force_simple`` is given. The classes live in ``lmms_sd.lmms_eval.models``.
+class unless ``--force_simple`` is given. The classes live in ``lmms_sd.lmms_eval.models``;
+the names in ``names.py``.
 """
 from __future__ import annotations
 
 from lmms_eval.models.registry_v2 import ModelManifest
+
+from .names import model_classes
 
 
 def _manifest(model_id: str, class_name: str) -> ModelManifest:
@@ -15,13 +18,5 @@ def _manifest(model_id: str, class_name: str) -> ModelManifest:
                          chat_class_path=f"{module}.{class_name}Chat")
 
 
-MANIFESTS: list[ModelManifest] = [
-    _manifest("llava_sd", "LlavaSD"),
-    _manifest("qwen2_vl_sd", "Qwen2VLSD"),
-    _manifest("llava_msd", "LlavaMSD"),
-    _manifest("qwen2_vl_msd", "Qwen2VLMSD"),
-    _manifest("llava_msd_calibrated", "LlavaMSDCalibrated"),
-    _manifest("qwen2_vl_msd_calibrated", "Qwen2VLMSDCalibrated"),
-    _manifest("llava_cascade", "LlavaCascade"),
-    _manifest("qwen2_vl_cascade", "Qwen2VLCascade"),
-]
+MANIFESTS: list[ModelManifest] = [_manifest(model_id, name)
+                                  for model_id, _family, _method, name in model_classes()]

@@ -1,12 +1,19 @@
-"""A tiny, offline model suite for tests: LLaVA and Qwen2-VL targets with their drafts.
+"""A tiny, offline model suite for tests: targets of every VLM family with their drafts.
 
 Everything is built from configs in seconds, saved with ``save_pretrained`` and meant to be
 reloaded with ``from_pretrained`` so tests exercise the real loading path. Per family:
 
-  target      the VLM (LLaVA: CLIP vision tower + Llama; Qwen2-VL: its own vision tower + M-RoPE)
+  target      the VLM (LLaVA: CLIP vision tower + Llama; Qwen2-VL / Qwen2.5-VL / Qwen3-VL: their
+              own vision towers + M-RoPE (Qwen3-VL interleaved, with DeepStack); LLaVA-OneVision:
+              SigLIP + Qwen2 with any-resolution tiles and image newlines)
   draft_vlm   the same family with a 1-layer, narrower language model and the *same* vision
               config and processor, so it accepts the target's processed inputs
-  text_only   a plain causal LM (Llama / Qwen2) sharing the vocabulary
+  text_only   a plain causal LM (Llama / Qwen2 / Qwen3) sharing the vocabulary
+
+The configs of the newer families carry the keys of the published ones (Qwen/Qwen2.5-VL-7B-
+Instruct, Qwen/Qwen3-VL-8B-Instruct, llava-hf/llava-onevision-qwen2-7b-ov-hf: window attention
+and full-attention blocks, DeepStack indexes, interleaved M-RoPE, grid pinpoints, image
+newline) with only the sizes shrunk.
 
 The tokenizer is a byte-level BPE trained locally on a small built-in corpus. The config helpers
 and ``train_tokenizer`` take knobs so a trainer (e.g. on a synthetic shapes task) can reuse them.
@@ -21,16 +28,27 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedModel,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+                          LlavaForConditionalGeneration, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration, LlavaProcessor, PreTrainedModel,
+                          PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          SiglipVisionConfig)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from ..adapters.llava_onevision import LlavaOnevisionImageOnlyProcessor
 from ..adapters.loading import load_processor  # noqa: F401  (re-exported for trainers)
+from ..adapters.qwen2_5_vl import Qwen2_5_VLImageOnlyProcessor
 from ..adapters.qwen2_vl import Qwen2VLImageOnlyProcessor
+from ..adapters.qwen3_vl import Qwen3VLImageOnlyProcessor
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # one tokenizer layout and chat template
 ROLES = ("target", "draft_vlm", "text_only")
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -59,7 +77,11 @@ SPECIAL_TOKENS = {
     "qwen2_vl": {"eos": "<|im_end|>", "pad": "<|endoftext|>", "bos": None,
                  "extra": ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|video_pad|>",
                            "<|vision_end|>"]},
+    "llava_onevision": {"eos": "<|im_end|>", "pad": "<|endoftext|>", "bos": None,
+                        "extra": ["<|im_start|>", "<image>", "<video>"]},
 }
+for _family in QWEN_VL[1:]:
+    SPECIAL_TOKENS[_family] = SPECIAL_TOKENS["qwen2_vl"]
 
 # A content item is {"type": "image"} or {"type": "text", "text": ...}; content may be a string.
 # Whitespace that matters is written as string literals so Jinja's trimming cannot eat it.
@@ -80,6 +102,11 @@ CHAT_TEMPLATES = {
                  + "{{ '<|im_end|>\\n' }}{%- endfor -%}"
                  "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"),
 }
+# ChatML as in LLaVA-OneVision, the image placeholder before the text
+CHAT_TEMPLATES["llava_onevision"] = CHAT_TEMPLATES["qwen2_vl"].replace(
+    "'<|vision_start|><|image_pad|><|vision_end|>'", "'<image>\\n'")
+for _family in QWEN_VL[1:]:
+    CHAT_TEMPLATES[_family] = CHAT_TEMPLATES["qwen2_vl"]
 
 
 def _check_family(family: str) -> None:
@@ -128,12 +155,44 @@ def llava_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
                           num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
 
 
-def qwen2_vl_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLImageOnlyProcessor:
+QWEN_PROCESSORS = {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
+                   "qwen3_vl": Qwen3VLImageOnlyProcessor}
+
+
+def qwen2_vl_processor(tokenizer: PreTrainedTokenizerFast, family: str = "qwen2_vl") -> Any:
+    """The image-only processor of a Qwen-VL ``family`` (all three share the image processor)."""
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
         size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
-    return Qwen2VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                     chat_template=tokenizer.chat_template)
+    return QWEN_PROCESSORS[family](image_processor=image_processor, tokenizer=tokenizer,
+                                   chat_template=tokenizer.chat_template)
+
+
+# LLaVA-OneVision: 16 x 16 tiles in 4 x 4 patches (16 features a tile); the grid pinpoints give
+# 1 to 4 tiles by aspect ratio, so a 32 x 32 image has 16 + 64 features + 8 newlines.
+OV_TILE, OV_PATCH = 16, 4
+OV_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]
+
+
+def llava_onevision_processor(tokenizer: PreTrainedTokenizerFast
+                              ) -> LlavaOnevisionImageOnlyProcessor:
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": OV_TILE, "width": OV_TILE}, image_grid_pinpoints=OV_PINPOINTS,
+        do_pad=True)
+    return LlavaOnevisionImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        num_image_tokens=(OV_TILE // OV_PATCH) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", chat_template=tokenizer.chat_template)
+
+
+def make_processor(family: str, tokenizer: PreTrainedTokenizerFast) -> Any:
+    """The tiny processor of ``family`` over ``tokenizer``."""
+    _check_family(family)
+    if family == "llava":
+        return llava_processor(tokenizer)
+    if family == "llava_onevision":
+        return llava_onevision_processor(tokenizer)
+    return qwen2_vl_processor(tokenizer, family)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -197,6 +256,106 @@ def qwen2_vl_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, widt
                          vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
 
 
+def qwen3_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: int = 128,
+                 heads: int = 4, init_std: float = 0.1) -> Qwen3Config:
+    return Qwen3Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                       head_dim=width // heads, max_position_embeddings=1024,
+                       initializer_range=init_std, tie_word_embeddings=False,
+                       **_special_ids(tokenizer))
+
+
+def _qwen_vl_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    ids = tokenizer.convert_tokens_to_ids
+    return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"),
+            "vision_end_token_id": ids("<|vision_end|>")}
+
+
+def _qwen_text(tokenizer: PreTrainedTokenizerFast, layers: int, width: int, heads: int,
+               init_std: float, section: list[int], **rope: Any) -> dict[str, Any]:
+    return {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+            "max_position_embeddings": 1024, "initializer_range": init_std, "hidden_act": "silu",
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": section, **rope},
+            **_special_ids(tokenizer)}
+
+
+def qwen2_5_vl_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: int = 128,
+                      heads: int = 4, vision_layers: int = 2, vision_width: int = 32,
+                      init_std: float = 0.1) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B's keys: window attention (``window_size`` pixels) except in the
+    ``fullatt_block_indexes`` blocks, an MLP merger to ``out_hidden_size``; Qwen2-VL's M-RoPE."""
+    half = width // heads // 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    vision = {"depth": vision_layers, "hidden_size": vision_width, "hidden_act": "silu",
+              "intermediate_size": 2 * vision_width, "num_heads": 2, "in_chans": 3,
+              "out_hidden_size": width, "patch_size": QWEN_PATCH,
+              "spatial_merge_size": QWEN_MERGE, "spatial_patch_size": QWEN_PATCH,
+              "window_size": 2 * QWEN_PATCH * QWEN_MERGE,
+              "fullatt_block_indexes": [vision_layers - 1], "tokens_per_second": 2,
+              "temporal_patch_size": 2}
+    text = _qwen_text(tokenizer, layers, width, heads, init_std, section)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                            **_qwen_vl_ids(tokenizer))
+
+
+def qwen3_vl_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4, width: int = 128,
+                    heads: int = 4, vision_layers: int = 2, vision_width: int = 32,
+                    init_std: float = 0.1) -> Qwen3VLConfig:
+    """Qwen3-VL-8B's keys: interleaved M-RoPE (``mrope_interleaved``; the section still sums to
+    head_dim / 2), QK-norm Qwen3 layers with an explicit ``head_dim``, and DeepStack: the
+    features of vision blocks ``deepstack_visual_indexes`` join decoder layers 0, 1, ..."""
+    half = width // heads // 2
+    section = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]  # 8B: 24, 20, 20
+    vision = {"depth": vision_layers, "hidden_size": vision_width,
+              "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 2 * vision_width,
+              "num_heads": 2, "in_channels": 3, "out_hidden_size": width,
+              "patch_size": QWEN_PATCH, "spatial_merge_size": QWEN_MERGE,
+              "temporal_patch_size": 2, "num_position_embeddings": 144,
+              "deepstack_visual_indexes": list(range(vision_layers)), "initializer_range": init_std}
+    text = {**_qwen_text(tokenizer, layers, width, heads, init_std, section,
+                         mrope_interleaved=True),
+            "head_dim": width // heads, "attention_bias": False}
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                         **_qwen_vl_ids(tokenizer))
+
+
+def llava_onevision_config(tokenizer: PreTrainedTokenizerFast, *, layers: int = 4,
+                           width: int = 128, heads: int = 4, vision_layers: int = 2,
+                           vision_width: int = 32, init_std: float = 0.1
+                           ) -> LlavaOnevisionConfig:
+    """llava-onevision-qwen2-7b-ov-hf's keys: SigLIP tower (no head), "full" features of the
+    last layer, ``image_grid_pinpoints`` tiles, ``anyres_max_9``, a learned image newline."""
+    ids = tokenizer.convert_tokens_to_ids
+    vision = SiglipVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width,
+                                num_hidden_layers=vision_layers, num_attention_heads=2,
+                                image_size=OV_TILE, patch_size=OV_PATCH, vision_use_head=False)
+    text = qwen2_config(tokenizer, layers=layers, width=width, heads=heads, init_std=init_std)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                image_token_index=ids("<image>"), video_token_index=ids("<video>"),
+                                image_grid_pinpoints=OV_PINPOINTS, projector_hidden_act="gelu",
+                                vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                vision_aspect_ratio="anyres_max_9",
+                                use_image_newline_parameter=True, tie_word_embeddings=False)
+
+
+# family -> (VLM class, VLM config builder, text-only LM class, LM config builder)
+TINY_FAMILIES = {
+    "llava": (LlavaForConditionalGeneration, llava_config, LlamaForCausalLM, llama_config),
+    "qwen2_vl": (Qwen2VLForConditionalGeneration, qwen2_vl_config, Qwen2ForCausalLM,
+                 qwen2_config),
+    "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, qwen2_5_vl_config, Qwen2ForCausalLM,
+                   qwen2_config),
+    "qwen3_vl": (Qwen3VLForConditionalGeneration, qwen3_vl_config, Qwen3ForCausalLM,
+                 qwen3_config),
+    "llava_onevision": (LlavaOnevisionForConditionalGeneration, llava_onevision_config,
+                        Qwen2ForCausalLM, qwen2_config),
+}
+
+
 # ---------------------------------------------------------------------------- the suite
 
 def tiny_image(seed: int, width: int = 32, height: int = 32) -> Image.Image:
@@ -223,17 +382,11 @@ def build_tiny_models(family: str, seed: int = 0,
     with random weights seeded by ``seed`` (+1, +2 for the drafts)."""
     _check_family(family)
     tok = tokenizer or train_tokenizer(CORPUS, 512, family)
-    if family == "llava":
-        classes = (LlavaForConditionalGeneration, LlavaForConditionalGeneration, LlamaForCausalLM)
-        processor = llava_processor(tok)
-        cfgs = (llava_config(tok, layers=target_layers), llava_config(tok, layers=1, width=64, heads=2),
-                llama_config(tok, layers=1, width=64, heads=2))
-    else:
-        classes = (Qwen2VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
-                   Qwen2ForCausalLM)
-        processor = qwen2_vl_processor(tok)
-        cfgs = (qwen2_vl_config(tok, layers=target_layers), qwen2_vl_config(tok, layers=1, width=64, heads=2),
-                qwen2_config(tok, layers=1, width=64, heads=2))
+    vlm, vlm_config, lm, lm_config = TINY_FAMILIES[family]
+    processor = make_processor(family, tok)
+    classes = (vlm, vlm, lm)
+    cfgs = (vlm_config(tok, layers=target_layers), vlm_config(tok, layers=1, width=64, heads=2),
+            lm_config(tok, layers=1, width=64, heads=2))
     built = {}
     for i, (role, cls, cfg) in enumerate(zip(ROLES, classes, cfgs)):
         torch.manual_seed(seed + i)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FAMILY_NAMES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}
-TEXT_LMS = {"llava": "Llama", "qwen2_vl": "Qwen2"}
+FAMILY_NAMES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
+                "qwen3_vl": "Qwen3-VL", "llava_onevision": "LLaVA-OneVision"}
+TEXT_LMS = {"llava": "Llama", "qwen2_vl": "Qwen2", "qwen2_5_vl": "Qwen2", "qwen3_vl": "Qwen3",
+            "llava_onevision": "Qwen2"}
 
 
 def _what(family: str, role: str, arch: dict) -> str:

@@ -25,7 +25,7 @@ from ..data.shapes import ShapesItem
 
 IGNORE_INDEX = -100
 # processor outputs that carry the images; anything else it returns is rebuilt here
-VISION_KEYS = ("pixel_values", "image_grid_thw")
+VISION_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images")
 
 
 @dataclass

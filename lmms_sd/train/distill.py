@@ -22,14 +22,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import (LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast,
-                          Qwen2ForCausalLM)
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from ..testing.tiny import FAMILIES, llama_config, qwen2_config
+from ..testing.tiny import FAMILIES, TINY_FAMILIES
 from .data import Batch, ShapesCollator
 from .loop import OptimConfig, run_training, train_items
 
-TEXT_LM = {"llava": (LlamaForCausalLM, llama_config), "qwen2_vl": (Qwen2ForCausalLM, qwen2_config)}
+# family -> (text-only LM class, its config builder): Llama, Qwen2 or Qwen3
+TEXT_LM = {family: spec[2:] for family, spec in TINY_FAMILIES.items()}
 
 
 @dataclass(frozen=True)

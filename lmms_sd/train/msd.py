@@ -53,7 +53,7 @@ from transformers import PreTrainedModel
 from ..core.generate import GenerationConfig, generate
 from ..drafters.msd import POSITION_SCHEMES, MSDConfig, MSDDrafter, qwen2_vl_rope_index
 from ..drafters.msd_format import load_msd_head, new_msd_head, save_msd_head
-from ..drafters.msd_head import MSDHead
+from ..drafters.msd_head import MROPE_KINDS, MSDHead
 from ..trees import make_builder
 from .conversations import ConversationCollator, ConversationStream, load_conversations
 from .data import Batch, ShapesCollator
@@ -290,7 +290,7 @@ def measure_tau(target_adapter: Any, head: MSDHead, prompts: Sequence[Any], tree
 
     tau: emitted tokens per target decode step; acceptance_rate: accepted draft tokens per
     drafted depth (the chain acceptance rate for chains); both pooled over the prompts."""
-    rope = qwen2_vl_rope_index(target_adapter.model) if head.kind == "qwen2_vl" else None
+    rope = qwen2_vl_rope_index(target_adapter.model) if head.kind in MROPE_KINDS else None
     drafter = MSDDrafter(head, MSDConfig(positions=positions), rope_index=rope)
     builder = make_builder(tree, **tree_settings)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens,

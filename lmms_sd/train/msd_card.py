@@ -8,9 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FAMILY_NAMES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}
+FAMILY_NAMES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
+                "qwen3_vl": "Qwen3-VL", "llava_onevision": "LLaVA-OneVision"}
 LAYERS = {"llava": "Llama decoder layer without its input norm (EAGLE's layer-0 layout)",
-          "qwen2_vl": "Qwen2-VL decoder layer (M-RoPE, input norm kept, as in MSD's code)"}
+          "qwen2_vl": "Qwen2-VL decoder layer (M-RoPE, input norm kept, as in MSD's code)",
+          "qwen2_5_vl": "Qwen2.5-VL decoder layer (M-RoPE, input norm kept)",
+          "qwen3_vl": "Qwen3-VL decoder layer (QK-norm, interleaved M-RoPE, input norm kept)",
+          "llava_onevision": "Qwen2 decoder layer (1-D RoPE, input norm kept)"}
 DRAFTER_NAMES = {"msd_head": "MSD head (this model)", "draft_vlm": "1-layer draft VLM",
                  "text_only": "text-only draft LM"}
 

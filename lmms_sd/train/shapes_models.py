@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from ..adapters.loading import load_adapter, load_processor
 from ..data.shapes import corpus_texts
-from ..testing.tiny import FAMILIES, llava_processor, qwen2_vl_processor, train_tokenizer
+from ..testing.tiny import FAMILIES, make_processor as tiny_processor, train_tokenizer
 from .cards import write_model_cards
 from .distill import TextLMShape, build_text_lm, distill_draft, init_from_target
 from .evaluate import (content_accuracy, eval_items, greedy_outputs, model_accuracy,
@@ -97,6 +97,9 @@ COLOUR_STAGE = {
     "llava": OptimConfig(steps=200, batch_size=64, seed=5),
     "qwen2_vl": OptimConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20, seed=5),
 }
+# the later families: Qwen2-VL's settings (their towers are its kin); not tuned separately
+COLOUR_STAGE.update({f: COLOUR_STAGE["qwen2_vl"] for f in ("qwen2_5_vl", "qwen3_vl",
+                                                           "llava_onevision")})
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -108,7 +111,7 @@ def make_processor(recipe: Recipe) -> Any:
     offset that drowns the colour: the same recipe then never learned colours (0.1-0.2
     accuracy on the colours topic after 1600 steps) while unit scaling learned them in 200."""
     tok = train_tokenizer(corpus_texts(recipe.tokenizer_items), recipe.vocab_size, recipe.family)
-    processor = (llava_processor if recipe.family == "llava" else qwen2_vl_processor)(tok)
+    processor = tiny_processor(recipe.family, tok)
     processor.image_processor.image_mean = [0.0, 0.0, 0.0]
     processor.image_processor.image_std = [1.0, 1.0, 1.0]
     return processor
@@ -161,7 +164,8 @@ def train_target_stage(recipe: Recipe, out: Path) -> dict:
             "stage1": {**colours, "topics": list(recipe.colour_topics)}}
 
 
-DEPTH = {"llava": 32, "qwen2_vl": 28}  # LLaVA-1.5-7B's and Qwen2-VL-7B's decoder layers
+# decoder layers of LLaVA-1.5-7B, Qwen2-VL-7B, Qwen2.5-VL-7B, Qwen3-VL-8B, LLaVA-OV-7B
+DEPTH = {"llava": 32, "qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 36, "llava_onevision": 28}
 
 
 def deepen_stage(recipe: Recipe, out: Path) -> dict:
@@ -281,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warm-start", action="store_true",
                         help="drafts continue from the saved ones instead of a fresh init")
     parser.add_argument("--target-steps", type=int, default=None)
+    parser.add_argument("--colour-steps", type=int, default=None,
+                        help="steps of the target's colours-only first stage")
     parser.add_argument("--draft-steps", type=int, default=None)
     parser.add_argument("--draft-batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1,
@@ -311,6 +317,9 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         base = _with_steps(base, "deepen_optim", args.deepen_steps)
     if args.target_steps is not None:
         base = _with_steps(base, "target_optim", args.target_steps)
+    if args.colour_steps is not None:
+        base = _with_steps(replace(base, colour_optim=base.colour_stage), "colour_optim",
+                           args.colour_steps)
     if args.draft_steps is not None:
         base = _with_steps(_with_steps(base, "draft_optim", args.draft_steps),
                            "text_only_optim", args.draft_steps)

@@ -14,11 +14,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import (LlavaForConditionalGeneration, PreTrainedModel,
-                          PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration)
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from ..data.shapes import TOPICS
-from ..testing.tiny import FAMILIES, llava_config, qwen2_vl_config
+from ..testing.tiny import FAMILIES, TINY_FAMILIES
 from .data import IGNORE_INDEX, Batch, ShapesCollator
 from .loop import OptimConfig, run_training, train_items
 
@@ -41,13 +40,11 @@ class VLMShape:
 def build_vlm(family: str, tokenizer: PreTrainedTokenizerFast, shape: VLMShape,
               seed: int) -> PreTrainedModel:
     """A randomly initialised VLM of ``family`` (weights seeded by ``seed``)."""
-    knobs = shape.to_dict()
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    model_cls, config = TINY_FAMILIES[family][:2]
     torch.manual_seed(seed)
-    if family == "llava":
-        return LlavaForConditionalGeneration(llava_config(tokenizer, **knobs))
-    if family == "qwen2_vl":
-        return Qwen2VLForConditionalGeneration(qwen2_vl_config(tokenizer, **knobs))
-    raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    return model_cls(config(tokenizer, **shape.to_dict()))
 
 
 def count_parameters(model: torch.nn.Module) -> int:
