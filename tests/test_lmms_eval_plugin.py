@@ -92,7 +92,7 @@ def test_entry_point_lists_our_manifests():
     values = [ep.value for ep in entry_points(group="lmms_eval.models")]
     assert "lmms_sd.lmms_eval.registry:MANIFESTS" in values, \
         "entry point missing: install the package (pip install --no-deps -e .)"
-    assert len({m.model_id for m in MANIFESTS}) == 8
+    assert len({m.model_id for m in MANIFESTS}) == 10
 
 
 @pytest.mark.parametrize("force_simple", [False, True])

@@ -7,13 +7,20 @@ text-only LM) mostly get rejected. Trees put the right token at non-first siblin
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+
 import pytest
+import torch
 
 from lmms_sd.adapters import HFAdapter
+from lmms_sd.adapters.base import extend_prompt
 from lmms_sd.core.generate import GenerationConfig, generate
 from lmms_sd.core.interfaces import PromptInputs
 from lmms_sd.drafters.cascade import CascadeConfig, CascadeDrafter
+from lmms_sd.drafters.eagle3 import Eagle3Config, Eagle3Drafter, bind_target_states
+from lmms_sd.drafters.eagle3_format import new_eagle3_head
+from lmms_sd.drafters.msd import qwen2_vl_rope_index
 from lmms_sd.drafters.model import ModelDrafter
 from lmms_sd.drafters.ngram import MaGDrafter
 from lmms_sd.testing.scripted import ScriptedDrafter
@@ -53,6 +60,11 @@ ROWS = [
     Row("cascade:draft_vlm,mag:2,2;0,3:1", "cascade"),
     Row("cascade:draft_vlm,text_only,mag:2,1,1;0,2,2;0,0,2:3", "cascade"),
     Row("cascade:text_only,mag:3,1;0,2:2", "chain", (("k", 4),)),
+    Row("eagle3", "chain", (("k", 4),)),
+    Row("eagle3", "dynamic", (("depth", 4), ("top_k", 3), ("total_tokens", 12))),
+    Row("eagle3_decoupled", "dynamic", (("depth", 3), ("top_k", 2), ("total_tokens", 8))),
+    Row("eagle3", "opt", (("nodes", 8), ("threshold", 0.1), ("max_depth", 4))),
+    Row("eagle3_decoupled", "static", (("acceptance", "0.6,0.3"), ("budget", 8), ("max_depth", 4))),
 ]
 
 
@@ -61,6 +73,48 @@ def references(tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[int]]]]
     from conftest import greedy_references
 
     return greedy_references(tiny_adapters, MAX_NEW)
+
+
+_FITTED: dict[int, object] = {}
+
+
+def fitted_eagle3(target: HFAdapter, references, decouple: bool
+                  ) -> tuple[HFAdapter, Eagle3Drafter]:
+    """A random EAGLE-3 head whose lm_head is fitted (200 Adam steps, ~1 s) to the target's
+    own continuations of the test prompts from the head's states at committed positions, so
+    root drafts are mostly right and deeper ones (fed predicted features) often wrong; and a
+    view of the target returning the head's states (the shared adapter is left as it is)."""
+    view = copy.copy(target)
+    key = id(target.model)
+    if key not in _FITTED:
+        torch.manual_seed(0)
+        head = new_eagle3_head(view.model, torch.arange(1, view.vocab_size))  # id 0 never drafted
+        bind_target_states(view, head)
+        feats, labels = [], []
+        for prompt, reference in references:
+            ids = torch.cat([prompt.input_ids, torch.tensor(reference[:-1])])
+            hidden = view.prefill(extend_prompt(prompt, torch.tensor(reference[:-1])),
+                                  hidden=True).hidden
+            u = head.fuse(ids[None, 1:], hidden[None, :-1])
+            n = u.shape[1]
+            pos = torch.arange(1, n + 1)
+            pos = pos[None] if head.kind == "llama" else pos.expand(3, 1, -1)
+            with torch.no_grad():
+                g = head(u, pos, torch.ones(n, n, dtype=torch.bool).tril()[None])[0]
+            t = len(prompt.input_ids) - 1  # slot of the last prompt token drafts reference[0]
+            feats.append(g[t - 1:])
+            labels.append(torch.tensor(reference) - 1)
+        x, y = torch.cat(feats), torch.cat(labels)
+        opt = torch.optim.Adam(head.lm_head.parameters(), lr=0.05)
+        for _ in range(200):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(head.draft_logits(x), y.clamp(min=0)).backward()
+            opt.step()
+        _FITTED[key] = head.eval()
+    head = _FITTED[key]
+    bind_target_states(view, head)
+    rope = qwen2_vl_rope_index(view.model) if head.kind == "qwen2_vl" else None
+    return view, Eagle3Drafter(head, Eagle3Config(decouple_images=decouple), rope)
 
 
 def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]):
@@ -87,7 +141,11 @@ def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_a
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
     builder = make_builder(row.tree, **dict(row.params))
     for prompt, reference in references[family]:
-        drafter = make_drafter(row.drafter, adapters, reference)
+        if row.drafter.startswith("eagle3"):
+            target, drafter = fitted_eagle3(adapters["target"], references[family],
+                                            row.drafter == "eagle3_decoupled")
+        else:
+            drafter = make_drafter(row.drafter, adapters, reference)
         result = generate(target, prompt, cfg, drafter, builder, decode=target.decode)
         assert result.tokens == reference, f"{row} diverged from target.generate"
         stats = result.stats
@@ -95,6 +153,16 @@ def test_greedy_speculative_equals_target_generate(row: Row, family: str, tiny_a
         assert stats.target_forwards == 1 + stats.decode_steps
         assert len(stats.origin) == len(reference) and stats.origin[0] == "target"
         assert stats.origin.count("draft") <= sum(s.accepted for s in stats.steps)
+
+
+def test_eagle3_rows_exercise_partial_acceptance(family: str, tiny_adapters, references):
+    """The fitted EAGLE-3 head gets drafts both accepted and rejected (so the rows above test
+    the KV and feature bookkeeping of both outcomes)."""
+    target, drafter = fitted_eagle3(tiny_adapters[family]["target"], references[family], False)
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
+    steps = [s for prompt, _ in references[family]
+             for s in generate(target, prompt, cfg, drafter, make_builder("chain", k=4)).stats.steps]
+    assert any(0 < s.accepted < 4 for s in steps) and any(s.accepted == 0 for s in steps)
 
 
 def test_scripted_drafter_exercises_partial_acceptance(family: str, tiny_adapters, references):

@@ -3,7 +3,7 @@
 Install lmms_sd (``pip install -e .``) and lmms-eval finds the models through the entry point
 group ``lmms_eval.models`` (``registry.MANIFESTS``): ``llava_sd``, ``qwen2_vl_sd``, ``llava_msd``,
 ``qwen2_vl_msd``, ``llava_msd_calibrated``, ``qwen2_vl_msd_calibrated``, ``llava_cascade``,
-``qwen2_vl_cascade``.
+``qwen2_vl_cascade``, ``llava_eagle3``, ``qwen2_vl_eagle3``.
 
 Tasks shipped in ``lmms_sd/tasks`` need ``--include_path``: lmms-eval 0.7.3 has no task entry
 point, its ``TaskManager`` indexes only its own tasks plus ``include_path``, and the

@@ -1,6 +1,6 @@
 """The named lmms-eval model classes: ``<family>_<method>``, each in a simple and a chat variant.
 
-The methods (``sd``, ``msd``, ``msd_calibrated``, ``cascade``), their settings and drafters are
+The methods (``sd``, ``msd``, ``msd_calibrated``, ``cascade``, ``eagle3``), their settings and drafters are
 ``lmms_sd.methods``; the classes only name a family and a method. Every class accepts ``sd=off``
 (the same wrapper, decoding autoregressively) and ``baseline=true`` (both, in the same process).
 """
@@ -70,4 +70,20 @@ class Qwen2VLCascade(SpeculativeLMM):
 
 
 class Qwen2VLCascadeChat(Qwen2VLCascade):
+    is_simple = False
+
+
+class LlavaEagle3(SpeculativeLMM):
+    family, method = "llava", "eagle3"
+
+
+class LlavaEagle3Chat(LlavaEagle3):
+    is_simple = False
+
+
+class Qwen2VLEagle3(SpeculativeLMM):
+    family, method = "qwen2_vl", "eagle3"
+
+
+class Qwen2VLEagle3Chat(Qwen2VLEagle3):
     is_simple = False

@@ -24,4 +24,6 @@ MANIFESTS: list[ModelManifest] = [
     _manifest("qwen2_vl_msd_calibrated", "Qwen2VLMSDCalibrated"),
     _manifest("llava_cascade", "LlavaCascade"),
     _manifest("qwen2_vl_cascade", "Qwen2VLCascade"),
+    _manifest("llava_eagle3", "LlavaEagle3"),
+    _manifest("qwen2_vl_eagle3", "Qwen2VLEagle3"),
 ]
