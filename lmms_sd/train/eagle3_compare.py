@@ -9,7 +9,8 @@ token-identical to the target's greedy output (else it raises). Figures pooled o
 as in ``msd_compare`` (tau = emitted tokens per target step); ``seconds`` is the wall time of
 all items of the row and ``speedup`` the plain greedy decode's time over it (one process,
 ``--threads`` torch threads, on a shared machine: indicative only). Writes
-``lmms_sd/assets/shapes/<family>/eagle3_head/compare.json`` and, with ``--card``, the card.
+``lmms_sd/assets/shapes/<family>/eagle3_head/compare.json`` (``--out``) and, with ``--card``, the
+card; ``--head`` compares another EAGLE-3 head (e.g. one trained with ``--decouple-images``).
 """
 from __future__ import annotations
 
@@ -39,13 +40,13 @@ TREES: dict[str, tuple[str, dict[str, int]]] = {
 }
 
 
-def compare(family: str, n_items: int) -> dict[str, Any]:
+def compare(family: str, n_items: int, folder: str) -> dict[str, Any]:
+    """Every (drafter, tree) row; ``folder``: the EAGLE-3 head."""
     target = load_adapter(shipped_model(family, "target"))
     items = describe_items(n_items)
     t0 = time.perf_counter()
     reference = greedy_outputs(target, items)
     greedy_seconds = time.perf_counter() - t0
-    folder = str(SHAPES_DIR / family / HEAD_DIR)
     drafters = {"msd_head": load_msd_drafter(str(shipped_model(family, "msd_head")), target.model)}
     for decouple in (False, True):
         name = "eagle3_head" + ("_decoupled" if decouple else "")
@@ -105,10 +106,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--items", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--card", type=Path, default=None, help="write the model card here")
+    ap.add_argument("--head", type=Path, help="the EAGLE-3 head (default: the shipped one)")
+    ap.add_argument("--out", type=Path, help="the metrics file (default: compare.json beside "
+                    "the shipped head)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    metrics = compare(args.family, args.items)
-    folder = SHAPES_DIR / args.family / HEAD_DIR
+    folder = args.head or SHAPES_DIR / args.family / HEAD_DIR
+    metrics = compare(args.family, args.items, str(folder))
     record = folder / "train_record.json"
     metrics["train"] = json.loads(record.read_text()) if record.is_file() else None
     if metrics["train"] is not None:
@@ -118,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics["command"] = "python -m lmms_sd.train.eagle3_compare " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     metrics["environment"] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    (folder / "compare.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    out = args.out or SHAPES_DIR / args.family / HEAD_DIR / "compare.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
     if args.card is not None:
         print(write_card(metrics, args.card))
 
