@@ -52,3 +52,31 @@ def test_load_decodes_losslessly_with_every_builder(tree: str, settings: dict, d
     assert sd.target.hidden_layers == sd.drafter.head.aux_layers
     out = sd.generate(tiny_image(3), "Describe the image.", max_new_tokens=12, baseline=True)
     assert out.tokens == out.baseline.tokens and out.greedy_match
+
+
+@pytest.fixture(scope="module")
+def qwen_head_folder(tiny_adapters, tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    target = tiny_adapters["qwen2_vl"]["target"]
+    head = new_eagle3_head(target.model, torch.arange(0, target.vocab_size, 3))
+    return save_eagle3_head(head, tmp_path_factory.mktemp("eagle3_qwen") / "head")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_lmms_eval_classes_decode_like_autoregression(chat: bool, family: str, tiny_paths,
+                                                           head_folder: Path,
+                                                           qwen_head_folder: Path,
+                                                           tmp_path: Path) -> None:
+    """``llava_eagle3`` / ``qwen2_vl_eagle3`` (simple and chat) on lmms-eval requests: every
+    text equals the autoregressive one (``baseline=true``'s record) under EAGLE-3's tree."""
+    import json
+
+    from test_lmms_eval_plugin import GREEDY, make_model, requests
+
+    head = head_folder if family == "llava" else qwen_head_folder
+    model = make_model(family, chat, "Eagle3", pretrained=tiny_paths[family]["target"],
+                       draft=head, baseline=True, stats_path=tmp_path / "s.jsonl")
+    out = model.generate_until(requests(chat, GREEDY))
+    records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(records) == len(out) and all(r["text_match"] for r in records)
+    assert all(o.text for o in out)
