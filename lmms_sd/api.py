@@ -232,8 +232,9 @@ def load(target: str | Path, method: str = "msd", *, draft: str | Path | None = 
     """A speculative decoder for the LLaVA or Qwen2-VL checkpoint ``target``.
 
     method:   ``sd`` (a draft model), ``msd`` (an MSD / EAGLE-2 head), ``msd_calibrated``
-              (needs ``**{"cal.calibrator": PATH}``) or ``cascade`` (``drafts=[...]``,
-              ``k_matrix="4 2;0 3"``): the methods of ``lmms_sd.methods``.
+              (needs ``**{"cal.calibrator": PATH}``), ``cascade`` (``drafts=[...]``,
+              ``k_matrix="4 2;0 3"``) or ``eagle3`` (an EAGLE-3 head): the methods of
+              ``lmms_sd.methods``.
     draft:    the draft model or head; tree: a builder name (default: the method's), its
               settings as ``**{"tree.k": 4}``; dtype: float32 (default), bfloat16 or float16;
               device: default cuda when available, else cpu.

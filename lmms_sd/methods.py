@@ -5,6 +5,7 @@ sd              a small draft VLM, or a text-only LM sharing the tokenizer  ``ar
 msd             an MSD / EAGLE-2 draft head on the target's features         ``args.MSDArgs``
 msd_calibrated  the MSD head + grouped isotonic calibrator + OPT-Tree        ``MSDCalibratedArgs``
 cascade         CS Drafting's cascade of drafts down to MaG                  ``args.CascadeArgs``
+eagle3          an EAGLE-3 head on the target's low / middle / high layers   ``args.Eagle3Args``
 
 A model name is ``<family>_<method>`` (``llava_msd``, ``qwen2_vl_cascade``, ...): the lmms-eval
 classes and ``lmms_sd.load`` both build their decoder from a ``Method`` of this module, which
@@ -26,11 +27,13 @@ from .core.generate import GenerationConfig, StepObserver
 from .core.interfaces import Drafter
 from .drafters.bigram import BigramTable
 from .drafters.cascade import CascadeBuilder, CascadeConfig, CascadeDrafter
+from .drafters.eagle3 import Eagle3Config, bind_target_states, load_eagle3_drafter
 from .drafters.model import ModelDrafter
 from .drafters.msd import MSDConfig, MSDDrafter, load_msd_drafter
 from .drafters.ngram import MaGConfig, MaGDrafter
-from .lmms_eval.args import (CascadeArgs, CommonArgs, MSDArgs, MSDCalibratedArgs, SDArgs,
-                             from_mapping, parse_model_args)
+from .lmms_eval.args import (CascadeArgs, CommonArgs, Eagle3Args, MSDArgs, MSDCalibratedArgs,
+                             SDArgs, from_mapping, parse_model_args)
+from .lmms_eval.names import model_classes
 from .trees import AutoConfig, TreeBuilder, auto_config, make_builder
 
 FAMILIES = tuple(VLM_FAMILIES)  # llava, qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision
@@ -152,6 +155,31 @@ class MSDCalibrated(MSD):
         return {"measured": phase.measured, "calibrated": phase.calibrated}
 
 
+# EAGLE-3's published tree (SafeAILab/EAGLE ``EaModel.from_pretrained``: total_token=60,
+# depth=7, top_k=10); ``total_tokens`` counts the root, as MSD's
+EAGLE3_TREE = {"depth": 7, "top_k": 10, "total_tokens": 60}
+
+
+class Eagle3(Method):
+    """An EAGLE-3 head; the target adapter is told to return the head's layer states."""
+
+    Args = Eagle3Args
+
+    def configure(self) -> None:
+        if self.settings.tree == "dynamic":
+            self.groups["tree"] = {**EAGLE3_TREE, **self.groups["tree"]}
+        super().configure()
+
+    def make_decoder(self, target: HFAdapter, load: Loader) -> tuple[Drafter, TreeBuilder]:
+        s = self.settings
+        dtype = None if s.draft_dtype == "auto" else getattr(torch, s.draft_dtype)
+        cfg = Eagle3Config(positions=s.positions, decouple_images=s.decouple_images)
+        drafter = load_eagle3_drafter(self.need(s.draft, "draft"), target.model, cfg=cfg,
+                                      check_embeddings=s.check_embeddings, dtype=dtype)
+        bind_target_states(target, drafter.head)
+        return drafter, self.tree
+
+
 class Cascade(Method):
     """CS Drafting: ``drafts`` from large to small, each reviewed by the ones below it."""
 
@@ -196,8 +224,9 @@ def parse_k_matrix(text: str) -> list[list[int]]:
 
 
 METHODS: dict[str, type[Method]] = {"sd": ModelDraft, "msd": MSD,
-                                    "msd_calibrated": MSDCalibrated, "cascade": Cascade}
-MODEL_NAMES = tuple(f"{family}_{method}" for method in METHODS for family in FAMILIES)
+                                    "msd_calibrated": MSDCalibrated, "cascade": Cascade,
+                                    "eagle3": Eagle3}
+MODEL_NAMES = tuple(name for name, *_ in model_classes())
 
 
 def method_class(method: str) -> type[Method]:
@@ -208,8 +237,7 @@ def method_class(method: str) -> type[Method]:
 
 def split_model_name(name: str) -> tuple[str, str]:
     """``"qwen2_vl_msd"`` -> ``("qwen2_vl", "msd")``."""
-    for family in FAMILIES:
-        method = name.removeprefix(family + "_")
-        if method != name and method in METHODS:
+    for model, family, method, _ in model_classes():
+        if model == name:
             return family, method
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")

@@ -92,10 +92,10 @@ def test_entry_point_lists_our_manifests():
     values = [ep.value for ep in entry_points(group="lmms_eval.models")]
     assert "lmms_sd.lmms_eval.registry:MANIFESTS" in values, \
         "entry point missing: install the package (pip install --no-deps -e .)"
-    from lmms_sd.adapters.loading import VLM_FAMILIES
-    from lmms_sd.methods import METHODS
+    from lmms_sd.lmms_eval.names import model_classes
 
-    assert len({m.model_id for m in MANIFESTS}) == len(METHODS) * len(VLM_FAMILIES)
+    assert {m.model_id for m in MANIFESTS} == {name for name, *_ in model_classes()}
+    assert {"llava_eagle3", "qwen2_vl_eagle3", "qwen3_vl_msd"} <= {m.model_id for m in MANIFESTS}
 
 
 @pytest.mark.parametrize("force_simple", [False, True])

@@ -8,13 +8,20 @@ text-only LM) mostly get rejected. Trees put the right token at non-first siblin
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+
 import pytest
+import torch
 
 from lmms_sd.adapters import HFAdapter
+from lmms_sd.adapters.base import extend_prompt
 from lmms_sd.core.generate import GenerationConfig, GenerationStats, generate
 from lmms_sd.core.interfaces import PromptInputs
 from lmms_sd.drafters.cascade import CascadeConfig, CascadeDrafter
+from lmms_sd.drafters.eagle3 import Eagle3Config, Eagle3Drafter, bind_target_states
+from lmms_sd.drafters.eagle3_format import new_eagle3_head
+from lmms_sd.drafters.msd import qwen2_vl_rope_index
 from lmms_sd.drafters.model import ModelDrafter
 from lmms_sd.drafters.ngram import MaGDrafter
 from lmms_sd.testing.scripted import ScriptedDrafter, ScriptedTreeDrafter
@@ -55,6 +62,11 @@ ROWS = [
     Row("cascade:draft_vlm,mag:2,2;0,3:1", "cascade"),
     Row("cascade:draft_vlm,text_only,mag:2,1,1;0,2,2;0,0,2:3", "cascade"),
     Row("cascade:text_only,mag:3,1;0,2:2", "chain", (("k", 4),)),
+    Row("eagle3", "chain", (("k", 4),)),
+    Row("eagle3", "dynamic", (("depth", 4), ("top_k", 3), ("total_tokens", 12))),
+    Row("eagle3_decoupled", "dynamic", (("depth", 3), ("top_k", 2), ("total_tokens", 8))),
+    Row("eagle3", "opt", (("nodes", 8), ("threshold", 0.1), ("max_depth", 4))),
+    Row("eagle3_decoupled", "static", (("acceptance", "0.6,0.3"), ("budget", 8), ("max_depth", 4))),
 ]
 
 
@@ -69,6 +81,54 @@ def references(every_tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[i
     from conftest import greedy_references
 
     return greedy_references(every_tiny_adapters, MAX_NEW)
+
+
+_FITTED: dict[int, object] = {}
+EAGLE3_FAMILIES = ("llava", "qwen2_vl")  # the target layer kinds an EAGLE-3 head has so far
+
+
+def skip_unless_eagle3(family: str) -> None:
+    if family not in EAGLE3_FAMILIES:
+        pytest.skip(f"no EAGLE-3 head of {family}'s architecture yet (lmms_sd.drafters.eagle3)")
+
+
+def fitted_eagle3(target: HFAdapter, references, decouple: bool
+                  ) -> tuple[HFAdapter, Eagle3Drafter]:
+    """A random EAGLE-3 head whose lm_head is fitted (200 Adam steps, ~1 s) to the target's
+    own continuations of the test prompts from the head's states at committed positions, so
+    root drafts are mostly right and deeper ones (fed predicted features) often wrong; and a
+    view of the target returning the head's states (the shared adapter is left as it is)."""
+    view = copy.copy(target)
+    key = id(target.model)
+    if key not in _FITTED:
+        torch.manual_seed(0)
+        head = new_eagle3_head(view.model, torch.arange(1, view.vocab_size))  # id 0 never drafted
+        bind_target_states(view, head)
+        feats, labels = [], []
+        for prompt, reference in references:
+            ids = torch.cat([prompt.input_ids, torch.tensor(reference[:-1])])
+            hidden = view.prefill(extend_prompt(prompt, torch.tensor(reference[:-1])),
+                                  hidden=True).hidden
+            u = head.fuse(ids[None, 1:], hidden[None, :-1])
+            n = u.shape[1]
+            pos = torch.arange(1, n + 1)
+            pos = pos[None] if head.kind == "llama" else pos.expand(3, 1, -1)
+            with torch.no_grad():
+                g = head(u, pos, torch.ones(n, n, dtype=torch.bool).tril()[None])[0]
+            t = len(prompt.input_ids) - 1  # slot of the last prompt token drafts reference[0]
+            feats.append(g[t - 1:])
+            labels.append(torch.tensor(reference) - 1)
+        x, y = torch.cat(feats), torch.cat(labels)
+        opt = torch.optim.Adam(head.lm_head.parameters(), lr=0.05)
+        for _ in range(200):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(head.draft_logits(x), y.clamp(min=0)).backward()
+            opt.step()
+        _FITTED[key] = head.eval()
+    head = _FITTED[key]
+    bind_target_states(view, head)
+    rope = qwen2_vl_rope_index(view.model) if head.kind == "qwen2_vl" else None
+    return view, Eagle3Drafter(head, Eagle3Config(decouple_images=decouple), rope)
 
 
 def make_drafter(kind: str, adapters: dict[str, HFAdapter], reference: list[int]):
@@ -94,8 +154,14 @@ def test_greedy_speculative_equals_target_generate(row: Row, family: str, every_
     target = adapters["target"]
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
     builder = make_builder(row.tree, **dict(row.params))
+    if row.drafter.startswith("eagle3"):
+        skip_unless_eagle3(family)
     for prompt, reference in references[family]:
-        drafter = make_drafter(row.drafter, adapters, reference)
+        if row.drafter.startswith("eagle3"):
+            target, drafter = fitted_eagle3(adapters["target"], references[family],
+                                            row.drafter == "eagle3_decoupled")
+        else:
+            drafter = make_drafter(row.drafter, adapters, reference)
         result = generate(target, prompt, cfg, drafter, builder, decode=target.decode)
         assert result.tokens == reference, f"{row} diverged from target.generate"
         stats = result.stats
@@ -115,6 +181,18 @@ def assert_stats_describe_emitted(stats: GenerationStats) -> None:
     if drafts > sum(accepted):
         assert stats.origin[-1] == "draft"
     assert stats.to_dict()["accepted_per_step"] == accepted
+
+
+def test_eagle3_rows_exercise_partial_acceptance(family: str, every_tiny_adapters, references):
+    """The fitted EAGLE-3 head gets drafts both accepted and rejected (so the rows above test
+    the KV and feature bookkeeping of both outcomes)."""
+    skip_unless_eagle3(family)
+    target, drafter = fitted_eagle3(every_tiny_adapters[family]["target"], references[family],
+                                    False)
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=target.eos_token_ids)
+    steps = [s for prompt, _ in references[family]
+             for s in generate(target, prompt, cfg, drafter, make_builder("chain", k=4)).stats.steps]
+    assert any(0 < s.accepted < 4 for s in steps) and any(s.accepted == 0 for s in steps)
 
 
 def test_scripted_drafter_exercises_partial_acceptance(family: str, every_tiny_adapters, references):

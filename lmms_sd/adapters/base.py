@@ -9,7 +9,9 @@ Qwen3-VL's DeepStack features, which ``_prefill_embeds`` computed with the image
 
 Every forward goes straight to the *decoder* (the language model inside a VLM) with
 ``inputs_embeds``; the lm_head is applied here. ``hidden`` is the decoder's last hidden state
-after its final norm, i.e. the feature the lm_head reads (what EAGLE and MSD heads consume).
+after its final norm, i.e. the feature the lm_head reads (what EAGLE and MSD heads consume);
+with ``hidden_layers`` set (an EAGLE-3 head's low / middle / high layers) it is instead the
+INPUTS of those decoder layers, concatenated: # [Q, len(hidden_layers) * H].
 
 Placement: ``device`` is the device of the input embeddings; under accelerate's ``device_map``
 the layers (and their KV cache) may sit on other GPUs, and logits and features are returned on
@@ -51,6 +53,7 @@ class HFAdapter:
         self.embed_tokens: nn.Module = model.get_input_embeddings()
         self.vocab_size: int = self.lm_head.weight.shape[0]
         self.cache = DynamicCache(config=model.config)
+        self.hidden_layers: tuple[int, ...] | None = None  # see the module docstring
 
     # ------------------------------------------------------------------ properties
     @property
@@ -191,12 +194,17 @@ class HFAdapter:
         if attentions and self.decoder.config._attn_implementation != "eager":
             raise ValueError("attentions=True needs attn_implementation='eager', this model uses "
                              f"{self.decoder.config._attn_implementation!r}")
+        aux = hidden and self.hidden_layers is not None
         with _tree_attention(self.decoder, mask is not None):
             out = self.decoder(inputs_embeds=inputs_embeds[None], position_ids=position_ids,
                                attention_mask=mask, past_key_values=self.cache, use_cache=True,
-                               output_attentions=attentions, **(extra or {}))
+                               output_attentions=attentions, output_hidden_states=aux,
+                               **(extra or {}))
         last = out.last_hidden_state[0]  # [Q, H]
         logits = self.lm_head(last).float().to(self.device)
+        if aux:  # hidden_states[i] is the input of layer i (0: the embeddings)
+            last = torch.cat([out.hidden_states[i][0].to(self.device)
+                              for i in self.hidden_layers], dim=-1)
         last = last.to(self.device)
         return StepOutput(logits=logits, hidden=last if hidden else None,
                           attentions=out.attentions[-1][0].float().mean(0) if attentions else None)

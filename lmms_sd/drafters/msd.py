@@ -106,9 +106,11 @@ class MSDDrafter:
         if feats is None or embeds is None:
             raise ValueError("MSD needs the target prefill's hidden states and input embeddings "
                              "(prefill(..., hidden=True, embeds=True))")
-        if feats.shape[0] != len(ids) or embeds.shape != feats.shape:
-            raise ValueError(f"prefill hidden {tuple(feats.shape)} and inputs_embeds "
-                             f"{tuple(embeds.shape)} must both be [{len(ids)}, H]")
+        width = getattr(self.head, "feature_width", embeds.shape[-1])  # EAGLE-3: 3H
+        if feats.shape != (len(ids), width) or embeds.shape[0] != len(ids):
+            raise ValueError(f"prefill hidden {tuple(feats.shape)} must be [{len(ids)}, {width}] "
+                             f"and inputs_embeds {tuple(embeds.shape)} [{len(ids)}, H] (an "
+                             "EAGLE-3 head needs its target states: bind_target_states)")
         image = prompt.image_mask
         if image is None:
             image = torch.zeros_like(ids, dtype=torch.bool)
@@ -119,10 +121,7 @@ class MSDDrafter:
         self._image_slots = image[1:].detach().cpu()
         if self.mrope:
             self._prompt_pos, self._delta = self.rope_index(prompt)
-        dev = self.head.fc.weight.device
-        u = self.head.fuse(ids[None, 1:].to(dev), feats[None, :-1].to(dev),
-                           embeds[None, 1:].to(dev), image[None, 1:].to(dev))
-        self._pending = [u[0]]
+        self._pending = [self._prompt_slots(ids, feats, embeds, image)]
 
     @torch.no_grad()
     def commit(self, tokens: list[int], hidden: Tensor | None) -> None:
@@ -169,6 +168,15 @@ class MSDDrafter:
         return self.head.logits(g)
 
     # ------------------------------------------------------------------ helpers
+    def _prompt_slots(self, ids: Tensor, feats: Tensor, embeds: Tensor,
+                      image: Tensor) -> Tensor:
+        """Inputs of prompt slots 1..T-1 (ids # [T], feats # [T, F], embeds # [T, H], image
+        # [T] bool) -> # [T-1, U]."""
+        dev = self.head.fc.weight.device
+        u = self.head.fuse(ids[None, 1:].to(dev), feats[None, :-1].to(dev),
+                           embeds[None, 1:].to(dev), image[None, 1:].to(dev))
+        return u[0]
+
     def _forward(self, u: Tensor, positions: Tensor, mask: Tensor) -> Tensor:  # [Q, H] -> [Q, H]
         """The head over Q new slots (mask # [Q, K]); records ``last_mass`` when asked."""
         if not self.record_attention:

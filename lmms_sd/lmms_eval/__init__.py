@@ -3,7 +3,8 @@
 Install lmms_sd (``pip install -e .``) and lmms-eval finds the models through the entry point
 group ``lmms_eval.models`` (``registry.MANIFESTS``): ``<family>_<method>`` for the families
 ``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``llava_onevision`` and the methods
-``sd``, ``msd``, ``msd_calibrated``, ``cascade`` (``llava_sd``, ``qwen3_vl_msd``, ...).
+``sd``, ``msd``, ``msd_calibrated``, ``cascade`` (``llava_sd``, ``qwen3_vl_msd``, ...), and
+``eagle3`` for ``llava`` and ``qwen2_vl`` (``llava_eagle3``, ``qwen2_vl_eagle3``).
 
 Tasks shipped in ``lmms_sd/tasks`` need ``--include_path``: lmms-eval 0.7.3 has no task entry
 point, its ``TaskManager`` indexes only its own tasks plus ``include_path``, and the

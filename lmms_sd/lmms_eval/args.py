@@ -154,6 +154,26 @@ class MSDArgs(_HeadArgs):
 
 
 @dataclass(frozen=True)
+class Eagle3Args(CommonArgs):
+    """``*_eagle3``: an EAGLE-3 draft head on the target's low / middle / high layer states.
+
+    draft:            the head: a folder (or hub id) in the published EAGLE-3 layout.
+    positions:        ``target`` | ``sequential`` (as for MSD heads); default: the head's record.
+    decouple_images:  MSD's modality decoupling: image slots read the target's visual embedding
+                      (EAGLE-3 does not; default false).
+    check_embeddings: compare a stored embedding (if the file has one) with the target's.
+    tree:             tree builder name, default ``dynamic`` with EAGLE-3's published defaults
+                      (depth 7, top_k 10, total_tokens 60) for every ``tree.<key>`` not given.
+    """
+
+    draft: str | None = None
+    positions: str | None = None
+    decouple_images: bool = False
+    check_embeddings: bool = True
+    tree: str = "dynamic"
+
+
+@dataclass(frozen=True)
 class MSDCalibratedArgs(_HeadArgs):
     """``*_msd_calibrated``: the MSD head under the Calibrated OPT-Tree. The tree is fixed; its
     and the calibrator's settings go in ``cal.<key>=`` (``CalibratedSettings``: steering

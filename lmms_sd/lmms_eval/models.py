@@ -1,6 +1,6 @@
 """The named lmms-eval model classes: ``<family>_<method>``, each in a simple and a chat variant.
 
-The methods (``sd``, ``msd``, ``msd_calibrated``, ``cascade``), their settings and drafters are
+The methods (``sd``, ``msd``, ``msd_calibrated``, ``cascade``, ``eagle3``), their settings and drafters are
 ``lmms_sd.methods``; the classes only name a family and a method, so they are made here for every
 pair of ``names.FAMILY_PREFIX`` x ``names.METHOD_SUFFIX`` (``LlavaSD`` / ``LlavaSDChat`` for
 ``llava_sd``, ``Qwen2_5_VLMSD`` for ``qwen2_5_vl_msd``, ...). Every class accepts ``sd=off``

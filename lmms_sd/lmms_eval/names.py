@@ -7,11 +7,14 @@ FAMILY_PREFIX = {"llava": "Llava", "qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5
                  "qwen3_vl": "Qwen3VL", "llava_onevision": "LlavaOnevision"}
 # method (a key of ``methods.METHODS``) -> class-name suffix
 METHOD_SUFFIX = {"sd": "SD", "msd": "MSD", "msd_calibrated": "MSDCalibrated",
-                 "cascade": "Cascade"}
+                 "cascade": "Cascade", "eagle3": "Eagle3"}
+# methods built for some families only: EAGLE-3 heads have LLaVA (Llama) and Qwen2-VL layers
+METHOD_FAMILIES = {"eagle3": ("llava", "qwen2_vl")}
 
 
 def model_classes() -> list[tuple[str, str, str, str]]:
     """(model name, family, method, simple class name) of every model, methods first; the chat
     class name adds ``Chat``."""
     return [(f"{family}_{method}", family, method, prefix + suffix)
-            for method, suffix in METHOD_SUFFIX.items() for family, prefix in FAMILY_PREFIX.items()]
+            for method, suffix in METHOD_SUFFIX.items() for family, prefix in FAMILY_PREFIX.items()
+            if family in METHOD_FAMILIES.get(method, FAMILY_PREFIX)]
