@@ -80,3 +80,21 @@ def test_the_lmms_eval_classes_decode_like_autoregression(chat: bool, family: st
     records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(records) == len(out) and all(r["text_match"] for r in records)
     assert all(o.text for o in out)
+
+
+def test_qwen2_5_vl_eagle3_decodes_losslessly(every_tiny_paths, every_tiny_adapters,
+                                              tmp_path: Path) -> None:
+    """``qwen2_5_vl_eagle3``: an EAGLE-3 head of Qwen2.5-VL's M-RoPE layers, through the class
+    names' API path (``open_model``), decodes exactly like autoregression."""
+    from lmms_sd.api import open_model
+
+    torch.manual_seed(2)
+    target = every_tiny_adapters["qwen2_5_vl"]["target"]
+    head = new_eagle3_head(target.model, torch.arange(0, target.vocab_size, 2))
+    assert head.kind == "qwen2_5_vl"
+    folder = save_eagle3_head(head, tmp_path / "head")
+    sd = open_model("qwen2_5_vl_eagle3", {"pretrained": str(every_tiny_paths["qwen2_5_vl"]["target"]),
+                                          "draft": str(folder), "tree": "chain", "tree.k": 3,
+                                          "device": "cpu"})
+    out = sd.generate(tiny_image(4), "Describe the image.", max_new_tokens=12, baseline=True)
+    assert out.tokens == out.baseline.tokens and out.greedy_match

@@ -19,7 +19,7 @@ from lmms_sd.adapters.base import extend_prompt
 from lmms_sd.core.generate import GenerationConfig, GenerationStats, generate
 from lmms_sd.core.interfaces import PromptInputs
 from lmms_sd.drafters.cascade import CascadeConfig, CascadeDrafter
-from lmms_sd.drafters.eagle3 import Eagle3Config, Eagle3Drafter, bind_target_states
+from lmms_sd.drafters.eagle3 import MROPE_HEADS, Eagle3Config, Eagle3Drafter, bind_target_states
 from lmms_sd.drafters.eagle3_format import new_eagle3_head
 from lmms_sd.drafters.msd import qwen2_vl_rope_index
 from lmms_sd.drafters.model import ModelDrafter
@@ -84,7 +84,7 @@ def references(every_tiny_adapters) -> dict[str, list[tuple[PromptInputs, list[i
 
 
 _FITTED: dict[int, object] = {}
-EAGLE3_FAMILIES = ("llava", "qwen2_vl")  # the target layer kinds an EAGLE-3 head has so far
+EAGLE3_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")  # the layer kinds an EAGLE-3 head has
 
 
 def skip_unless_eagle3(family: str) -> None:
@@ -127,7 +127,7 @@ def fitted_eagle3(target: HFAdapter, references, decouple: bool
         _FITTED[key] = head.eval()
     head = _FITTED[key]
     bind_target_states(view, head)
-    rope = qwen2_vl_rope_index(view.model) if head.kind == "qwen2_vl" else None
+    rope = qwen2_vl_rope_index(view.model) if head.kind in MROPE_HEADS else None
     return view, Eagle3Drafter(head, Eagle3Config(decouple_images=decouple), rope)
 
 

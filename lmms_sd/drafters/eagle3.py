@@ -44,6 +44,9 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbeddin
 from .msd import MSDDrafter, RopeIndex, qwen2_vl_rope_index
 from .msd_head import POSITION_SCHEMES, SharedTargetParts, layer_kind
 
+# the M-RoPE layer kinds an EAGLE-3 head has (Qwen3-VL's interleaved M-RoPE and QK-norm: not yet)
+MROPE_HEADS = ("qwen2_vl", "qwen2_5_vl")
+
 
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's low / middle / high target layers: (2, L//2, L-3)."""
@@ -113,7 +116,7 @@ class Eagle3Head(nn.Module):
             raise ValueError("d2t maps two draft ids to the same target id")
         self.register_buffer("d2t", d2t.long().clone())
         self.register_buffer("t2d", t2d)
-        if kind == "qwen2_vl":
+        if kind in MROPE_HEADS:  # Qwen2.5-VL: the same M-RoPE as Qwen2-VL
             self.rotary = Qwen2VLRotaryEmbedding(rotary_config)
         else:
             self.rotary = LlamaRotaryEmbedding(config)
@@ -224,5 +227,5 @@ def load_eagle3_drafter(source: str, target: PreTrainedModel, *,
     from .eagle3_format import load_eagle3_head  # deferred: the format module builds on this one
 
     head = load_eagle3_head(source, target, check_embeddings=check_embeddings, dtype=dtype)
-    is_qwen = layer_kind(target.config.get_text_config()) == "qwen2_vl"
+    is_qwen = layer_kind(target.config.get_text_config()) in MROPE_HEADS
     return Eagle3Drafter(head, cfg, qwen2_vl_rope_index(target) if is_qwen else None)

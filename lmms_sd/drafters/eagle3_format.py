@@ -32,6 +32,7 @@ from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel
 from .eagle3 import Eagle3Head, default_aux_layers
 from .msd_format import (CONFIG_FILE, EMBED_KEY, POSITIONS_KEY, WEIGHT_FILES, MSDCheckpoint,
                          _check_embeddings, read_checkpoint)
+from .eagle3 import MROPE_HEADS
 from .msd_head import POSITION_SCHEMES, layer_kind
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -91,7 +92,7 @@ def check_against_target(ckpt: MSDCheckpoint, text: PretrainedConfig) -> None:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg.get(
         "num_attention_heads", text.num_attention_heads)
     target_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    if layer_kind(text) == "qwen2_vl" and head_dim != target_dim:
+    if layer_kind(text) in MROPE_HEADS and head_dim != target_dim:
         raise ValueError(f"{src}: an M-RoPE head needs the target's head_dim {target_dim}, "
                          f"it has {head_dim}")
 

@@ -8,8 +8,8 @@ FAMILY_PREFIX = {"llava": "Llava", "qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5
 # method (a key of ``methods.METHODS``) -> class-name suffix
 METHOD_SUFFIX = {"sd": "SD", "msd": "MSD", "msd_calibrated": "MSDCalibrated",
                  "cascade": "Cascade", "eagle3": "Eagle3"}
-# methods built for some families only: EAGLE-3 heads have LLaVA (Llama) and Qwen2-VL layers
-METHOD_FAMILIES = {"eagle3": ("llava", "qwen2_vl")}
+# methods built for some families only: EAGLE-3 heads have Llama and Qwen2(.5)-VL layers
+METHOD_FAMILIES = {"eagle3": ("llava", "qwen2_vl", "qwen2_5_vl")}
 
 
 def model_classes() -> list[tuple[str, str, str, str]]:

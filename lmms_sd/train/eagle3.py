@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
 from ..core.generate import GenerationConfig
-from ..drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Head, bind_target_states
+from ..drafters.eagle3 import (MROPE_HEADS, Eagle3Config, Eagle3Drafter, Eagle3Head,
+                               bind_target_states)
 from ..drafters.eagle3_format import load_eagle3_head, new_eagle3_head, save_eagle3_head
 from ..drafters.msd import qwen2_vl_rope_index
 from ..trees import make_builder
@@ -199,7 +200,7 @@ def measure_tau(adapter: Any, head: Eagle3Head, prompts: Sequence[Any], tree: st
     from ..core.generate import generate
 
     bind_target_states(adapter, head)
-    rope = qwen2_vl_rope_index(adapter.model) if head.kind == "qwen2_vl" else None
+    rope = qwen2_vl_rope_index(adapter.model) if head.kind in MROPE_HEADS else None
     drafter = Eagle3Drafter(head, Eagle3Config(decouple_images=decouple_images), rope)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=adapter.eos_token_ids)
     references = [generate(adapter, p, cfg).tokens for p in prompts]
