@@ -29,10 +29,9 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel
 
-from .eagle3 import Eagle3Head, default_aux_layers
+from .eagle3 import MROPE_HEADS, Eagle3Head, default_aux_layers
 from .msd_format import (CONFIG_FILE, EMBED_KEY, POSITIONS_KEY, WEIGHT_FILES, MSDCheckpoint,
-                         _check_embeddings, read_checkpoint)
-from .eagle3 import MROPE_HEADS
+                         _check_embeddings, check_state_dict, read_checkpoint)
 from .msd_head import POSITION_SCHEMES, layer_kind
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -122,19 +121,6 @@ def _vocab_maps(ckpt: MSDCheckpoint, vocab: int) -> Tensor:
     return d2t.long()
 
 
-def _check_keys(ckpt: MSDCheckpoint, head: Eagle3Head, weights: dict[str, Tensor]) -> None:
-    expected = head.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{ckpt.source}: state dict does not match an EAGLE-3 head: missing "
-                         f"{missing}, unexpected {unexpected}")
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"{ckpt.source}: {key} has shape {tuple(value.shape)}, the head "
-                             f"expects {tuple(expected[key].shape)}")
-
-
 def build_head(ckpt: MSDCheckpoint, target: PreTrainedModel, *, check_embeddings: bool = True,
                dtype: torch.dtype | None = None) -> Eagle3Head:
     """An ``Eagle3Head`` on ``target``'s embed_tokens with the checkpoint's weights."""
@@ -159,7 +145,7 @@ def build_head(ckpt: MSDCheckpoint, target: PreTrainedModel, *, check_embeddings
         weights["t2d"] = torch.cat([weights["t2d"].bool(),
                                     torch.zeros(vocab - len(weights["t2d"]), dtype=torch.bool)])
     weights.setdefault("t2d", head.t2d)
-    _check_keys(ckpt, head, weights)
+    check_state_dict(ckpt, head.state_dict(), weights, "an EAGLE-3 head")
     head.load_state_dict(weights, strict=True)
     return head.to(device=embed.weight.device, dtype=dtype or embed.weight.dtype).eval()
 

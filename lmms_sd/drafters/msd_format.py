@@ -242,12 +242,18 @@ def _check_embeddings(ckpt: MSDCheckpoint, target_embed: Tensor) -> None:  # tar
 
 
 def _check_keys(ckpt: MSDCheckpoint, head: MSDHead, weights: dict[str, Tensor]) -> None:
-    expected = head.state_dict()
+    check_state_dict(ckpt, head.state_dict(), weights,
+                     f"a {head.kind} head with {head.config.num_hidden_layers} layer(s)")
+
+
+def check_state_dict(ckpt: MSDCheckpoint, expected: dict[str, Tensor],
+                     weights: dict[str, Tensor], what: str) -> None:
+    """The checkpoint's ``weights`` must have exactly the keys and shapes of ``expected`` (a
+    head's state dict); ``what`` names that head in the error."""
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{ckpt.source}: state dict does not match a {head.kind} head with "
-                         f"{head.config.num_hidden_layers} layer(s): missing {missing}, "
+        raise ValueError(f"{ckpt.source}: state dict does not match {what}: missing {missing}, "
                          f"unexpected {unexpected}")
     for key, value in weights.items():
         if value.shape != expected[key].shape:
