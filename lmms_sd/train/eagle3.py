@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
@@ -49,8 +48,9 @@ from ..trees import make_builder
 from .data import Batch, ShapesCollator
 from .evaluate import eval_items, lossless_decoding
 from .loop import OptimConfig, run_training
-from .msd import (DTYPES, MSDTrainConfig, _capture_language_model, _conversation_data, _files,
-                  _FrozenTarget, _parser, _process_summary, batch_source)
+from .msd import (MSDTrainConfig, _capture_language_model, _conversation_data, _files,
+                  _FrozenTarget, _optim_config, _parser, _process_summary, _start,
+                  batch_source)
 
 STEP_DECAY = 0.8  # EAGLE-3's weight of TTT step j: 0.8 ** j
 
@@ -225,35 +225,16 @@ def _eagle3_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from accelerate import Accelerator
     from accelerate.utils import gather_object
-
-    from ..adapters.loading import load_adapter
 
     args = _eagle3_parser().parse_args(argv)
     if args.noise != MSDTrainConfig.noise:
         raise SystemExit("--noise: EAGLE-3 trains without feature noise (training-time test)")
-    torch.set_num_threads(args.threads)
-    accelerator = Accelerator(step_scheduler_with_optimizer=False)
+    accelerator, state_dir, dtype, adapter = _start(args)
     out, main_process = Path(args.out), accelerator.is_main_process
-    state_dir = out / "state"
-    if args.resume != state_dir.is_dir():
-        raise SystemExit(f"--resume needs {state_dir}" if args.resume else
-                         f"{state_dir} exists: pass --resume to continue it, or remove it")
-    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if accelerator.device.type == "cuda"
-                                       else torch.float32)
-    adapter = load_adapter(args.target, device=accelerator.device, dtype=dtype)
     model, rank, world = adapter.model, accelerator.process_index, accelerator.num_processes
     data = _conversation_data(args, adapter.processor, args.batch_size, rank, world)
-    if args.epochs is not None:
-        steps = max(1, round(args.epochs * (data.multimodal or data.text).batches_per_epoch))
-    else:
-        steps = args.steps if args.steps is not None else 300
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(30, steps - 1)
-    optim = OptimConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup,
-                        grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-                        betas=(OptimConfig.betas[0], args.beta2), seed=args.seed,
-                        log_every=args.log_every, checkpoint_every=args.save_every)
+    optim = _optim_config(args, data)
     cfg = Eagle3TrainConfig(args.ttt_steps, args.decouple_images, not args.no_curriculum,
                             args.text_phase)
     kinds = {"text_only_batches": 0, "multimodal_batches": 0}

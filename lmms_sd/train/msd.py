@@ -394,23 +394,48 @@ def _process_summary(head: MSDHead, data: ConversationData | None, accelerator: 
             "first_conversations": shards}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _start(args: argparse.Namespace) -> tuple[Any, Path, torch.dtype, Any]:
+    """What a head trainer does first (this one and ``train.eagle3``): torch threads, the
+    accelerator, the resumable state folder (``--resume`` must match whether it exists), the
+    target's dtype (bf16 on GPU under ``auto``) and the frozen target on this process's device.
+    Returns (accelerator, state_dir, dtype, target adapter)."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
     from ..adapters.loading import load_adapter
 
-    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(step_scheduler_with_optimizer=False)
-    out, main_process = Path(args.out), accelerator.is_main_process
-    state_dir = out / "state"
+    state_dir = Path(args.out) / "state"
     if args.resume != state_dir.is_dir():
         raise SystemExit(f"--resume needs {state_dir}" if args.resume else
                          f"{state_dir} exists: pass --resume to continue it, or remove it")
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if accelerator.device.type == "cuda"
                                        else torch.float32)
-    adapter = load_adapter(args.target, device=accelerator.device, dtype=dtype)
+    return accelerator, state_dir, dtype, load_adapter(args.target, device=accelerator.device,
+                                                       dtype=dtype)
+
+
+def _optim_config(args: argparse.Namespace, data: Any) -> OptimConfig:
+    """The optimiser settings of the command line; ``--epochs`` counts passes over the
+    multimodal data (else the text data), default 300 steps."""
+    if args.epochs is not None:
+        per_epoch = (data.multimodal or data.text).batches_per_epoch
+        steps = max(1, round(args.epochs * per_epoch))
+    else:
+        steps = args.steps if args.steps is not None else 300
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(30, steps - 1)
+    return OptimConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup,
+                       grad_clip=args.grad_clip, weight_decay=args.weight_decay,
+                       betas=(OptimConfig.betas[0], args.beta2), seed=args.seed,
+                       log_every=args.log_every, checkpoint_every=args.save_every)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from accelerate.utils import gather_object
+
+    args = _parser().parse_args(argv)
+    accelerator, state_dir, dtype, adapter = _start(args)
+    out, main_process = Path(args.out), accelerator.is_main_process
     torch.manual_seed(args.seed)
     if args.init:  # float32 weights beside a bf16 target
         head = load_msd_head(args.init, adapter.model, dtype=torch.float32).train()
@@ -418,16 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         head = new_msd_head(adapter.model).float()
     data = _conversation_data(args, adapter.processor, args.batch_size,
                               accelerator.process_index, accelerator.num_processes)
-    if args.epochs is not None:
-        per_epoch = (data.multimodal or data.text).batches_per_epoch
-        steps = max(1, round(args.epochs * per_epoch))
-    else:
-        steps = args.steps if args.steps is not None else 300
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(30, steps - 1)
-    optim = OptimConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup,
-                        grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-                        betas=(OptimConfig.betas[0], args.beta2), seed=args.seed,
-                        log_every=args.log_every, checkpoint_every=args.save_every)
+    optim = _optim_config(args, data)
     cfg = MSDTrainConfig(noise=args.noise, positions=args.positions, text_phase=args.text_phase,
                          curriculum=not args.no_curriculum)
     record = train_msd_head(head, adapter.model, adapter.processor, optim, cfg, data=data,
